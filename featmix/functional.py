@@ -1,0 +1,195 @@
+"""Pure mixing kernels: no randomness, no state. The classes draw parameters and call these.
+
+Layout: a tensor is mixed on two of its dimensions (``hdim``, ``wdim``); the batch is dimension 0.
+Images and CNN feature maps are (B, C, H, W) with the box on dims (2, 3); token maps reshaped to
+(B, H, W, C) use dims (1, 2).
+
+Three implementations of the same operation ``out[i] = x[i] outside the box, x[perm[i]] inside``:
+- ``paste_box``: out of place, each output element written once (the outside copied from ``x``, the
+  inside gathered from the partner), differentiable through a custom autograd function whose backward
+  is the same kernel with the inverse permutation. The fast eager path.
+- ``paste_box_``: in place on the caller's tensor (input-level CutMix): only the box is touched.
+- ``paste_box_masked``: the box as tensors and a mask, so ``torch.compile`` sees no Python integers
+  that change every batch (no recompiles) and can fuse the gather into one pass.
+All three give bitwise-equal results for the same box and permutation.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+Box = Tuple[int, int, int, int]
+
+
+def _index(ndim: int, hdim: int, wdim: int, ys: slice, xs: slice) -> tuple:
+    idx = [slice(None)] * ndim
+    idx[hdim], idx[wdim] = ys, xs
+    return tuple(idx)
+
+
+def _norm_dims(x: Tensor, hdim: int, wdim: int) -> Tuple[int, int]:
+    return hdim % x.dim(), wdim % x.dim()
+
+
+def _write_mixed(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
+    """Write the mixed ``x`` into the (uninitialised) ``out``: every element exactly once."""
+    y1, y2, x1, x2 = box
+    n = x.dim()
+    H, W = x.shape[hdim], x.shape[wdim]
+    # Outside the box: two full-width bands, then the two sides of the box rows.
+    for (ya, yb), (xa, xb) in (((0, y1), (0, W)), ((y2, H), (0, W)), ((y1, y2), (0, x1)), ((y1, y2), (x2, W))):
+        if yb > ya and xb > xa:
+            idx = _index(n, hdim, wdim, slice(ya, yb), slice(xa, xb))
+            out[idx].copy_(x[idx])
+    # Inside the box: the partner's pixels. out[i] = x[perm[i]]  <=>  out[inv[j]] = x[j], which
+    # index_copy_ does in one kernel between two strided views, with no temporary.
+    inside = _index(n, hdim, wdim, slice(y1, y2), slice(x1, x2))
+    out[inside].index_copy_(0, inv_perm, x[inside])
+
+
+def _empty_box(box: Box) -> bool:
+    y1, y2, x1, x2 = box
+    return y2 <= y1 or x2 <= x1
+
+
+def _mix(x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> Tensor:
+    out = torch.empty_like(x)
+    _write_mixed(out, x, inv_perm, box, hdim, wdim)
+    return out
+
+
+def inverse_permutation(perm: Tensor) -> Tensor:
+    """``inv`` with ``inv[perm[i]] = i``."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
+    return inv
+
+
+class _PasteBox(torch.autograd.Function):
+    """Out-of-place paste whose backward is the same paste of the gradient with the inverse perm."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> Tensor:
+        ctx.save_for_backward(perm)
+        ctx.box, ctx.hdim, ctx.wdim = box, hdim, wdim
+        return _mix(x, inv_perm, box, hdim, wdim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (perm,) = ctx.saved_tensors
+        # The gradient is mixed with the inverse permutation, whose inverse is perm itself.
+        return _mix(grad, perm, ctx.box, ctx.hdim, ctx.wdim), None, None, None, None, None
+
+
+def paste_box(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1,
+              inv_perm: Optional[Tensor] = None) -> Tensor:
+    """Return a new tensor: ``x`` with the box ``(y1, y2, x1, x2)`` taken from ``x[perm]``.
+
+    Differentiable with respect to ``x`` (the gradient reaches both partners); never modifies ``x``,
+    so it is safe after an in-place ReLU. An empty box returns ``x`` itself. ``inv_perm`` (the
+    inverse permutation) may be passed when the caller already has it.
+    """
+    hdim, wdim = _norm_dims(x, hdim, wdim)
+    if _empty_box(box):
+        return x
+    if inv_perm is None:
+        inv_perm = inverse_permutation(perm)
+    perm = perm.to(x.device, non_blocking=True)
+    inv_perm = inv_perm.to(x.device, non_blocking=True)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _PasteBox.apply(x, perm, inv_perm, tuple(box), hdim, wdim)
+    return _mix(x, inv_perm, box, hdim, wdim)
+
+
+def paste_box_(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1) -> Tensor:
+    """In place: overwrite the box of every sample of ``x`` with its partner's box. Returns ``x``.
+
+    Only the box region is read (once, into a temporary: partners overlap) and written.
+    """
+    hdim, wdim = _norm_dims(x, hdim, wdim)
+    if _empty_box(box):
+        return x
+    y1, y2, x1, x2 = box
+    inside = _index(x.dim(), hdim, wdim, slice(y1, y2), slice(x1, x2))
+    region = x[inside]
+    region.copy_(region.index_select(0, perm.to(x.device, non_blocking=True)))
+    return x
+
+
+def box_tensor(params: Tensor, h: int, w: int, fixed_size: bool = False) -> Tensor:
+    """The reference box rule on tensors: ``params`` = float64 [lam, centre_y, centre_x] -> int64 (4,).
+
+    Same arithmetic as ``featmix.sampling.box_on_grid`` (float64, truncation), so the compiled path
+    pastes exactly the box the eager path pastes.
+    """
+    lam, uy, ux = params[0], params[1], params[2]
+    if fixed_size:
+        ch, cw = h // 2, w // 2
+        y1 = torch.clamp(torch.floor(uy * (h - ch + 1)), max=h - ch)
+        x1 = torch.clamp(torch.floor(ux * (w - cw + 1)), max=w - cw)
+        return torch.stack([y1, y1 + ch, x1, x1 + cw]).long()
+    rat = torch.sqrt(1.0 - lam)
+    cut_h, cut_w = torch.floor(h * rat), torch.floor(w * rat)
+    cy = torch.clamp(torch.floor(uy * h), max=h - 1)
+    cx = torch.clamp(torch.floor(ux * w), max=w - 1)
+    hh, hw = torch.floor(cut_h / 2), torch.floor(cut_w / 2)
+    y1, y2 = torch.clamp(cy - hh, min=0), torch.clamp(cy + hh, max=h)
+    x1, x2 = torch.clamp(cx - hw, min=0), torch.clamp(cx + hw, max=w)
+    return torch.stack([y1, y2, x1, x2]).long()
+
+
+def paste_box_masked(x: Tensor, perm: Tensor, box: Tensor, hdim: int = -2, wdim: int = -1) -> Tensor:
+    """Out-of-place paste with the box as a tensor: ``where(mask, x[perm], x)``.
+
+    Shapes are static and values live in tensors, so ``torch.compile`` builds one graph for every
+    batch; the compiler fuses the gather and the select into one pass over memory.
+    """
+    hdim, wdim = _norm_dims(x, hdim, wdim)
+    H, W = x.shape[hdim], x.shape[wdim]
+    ys = torch.arange(H, device=x.device)
+    xs = torch.arange(W, device=x.device)
+    box = box.to(x.device)
+    my = (ys >= box[0]) & (ys < box[1])
+    mx = (xs >= box[2]) & (xs < box[3])
+    shape_y = [1] * x.dim()
+    shape_y[hdim] = H
+    shape_x = [1] * x.dim()
+    shape_x[wdim] = W
+    mask = my.view(shape_y) & mx.view(shape_x)
+    return torch.where(mask, x.index_select(0, perm.to(x.device)), x)
+
+
+def box_area_fraction(box: Tensor, h: int, w: int) -> Tensor:
+    """Fraction of an h x w grid covered by a tensor box (for the corrected lam on the compiled path)."""
+    return ((box[1] - box[0]) * (box[3] - box[2])).to(torch.float64) / float(h * w)
+
+
+def one_hot_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """Class indices (B,) or soft targets (B, K) -> float (B, K) with label smoothing applied.
+
+    Smoothing follows timm/torch: ``(1 - eps) * y + eps / K``.
+    """
+    if labels.dim() == 1:
+        y = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
+        y.scatter_(1, labels.long().unsqueeze(1), 1.0)
+    else:
+        y = labels.to(dtype)
+    if smoothing > 0:
+        y = y * (1.0 - smoothing) + smoothing / num_classes
+    return y
+
+
+def mix_targets(targets: Tensor, perm: Tensor, weight) -> Tensor:
+    """``weight * y + (1 - weight) * y[perm]``; ``weight`` a float or a 0-d tensor (no host sync)."""
+    partner = targets.index_select(0, perm.to(targets.device, non_blocking=True))
+    if isinstance(weight, Tensor):
+        weight = weight.to(device=targets.device, dtype=targets.dtype)
+    return partner.lerp(targets, weight) if isinstance(weight, Tensor) else partner.lerp(targets, float(weight))
+
+
+__all__ = ["inverse_permutation", "paste_box", "paste_box_", "paste_box_masked", "box_tensor", "box_area_fraction",
+           "one_hot_targets", "mix_targets"]
+

@@ -1,0 +1,68 @@
+"""``CutMix``: the input-level batch transform, a drop-in for ``torchvision.transforms.v2.CutMix``."""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from .layer import MixRecord
+from .sampling import MixSampler, check_mix_args
+from .validation import check_images, check_labels, check_num_classes
+
+
+class CutMix(nn.Module):
+    """CutMix a batch: ``images, targets = cutmix(images, labels)``.
+
+    One draw per call (gate, lam, box, permutation), the box on the image grid with the reference
+    code's rule and the label weight corrected to the pasted area. ``labels`` are class indices (B,)
+    or soft/multi-hot targets (B, num_classes); ``targets`` are float (B, num_classes) for
+    ``F.cross_entropy(logits, targets)``. By default the caller's tensor is left untouched;
+    ``inplace=True`` mixes it in place (only the box is written: the fastest path).
+
+    ``last_mix`` holds the ``MixRecord`` of the latest call (None when it was not mixed). The schedule
+    step of ``variant="scheduled"`` is part of ``state_dict()``.
+    """
+
+    def __init__(self, num_classes: int, alpha: float = 1.0, prob: float = 1.0, variant: str = "cutmix",
+                 label_smoothing: float = 0.0, generator: Optional[torch.Generator] = None,
+                 total_steps: Optional[int] = None, inplace: bool = False, center_std: float = 0.25) -> None:
+        super().__init__()
+        self.num_classes = check_num_classes(num_classes)
+        check_mix_args(alpha, prob, variant, total_steps, center_std, label_smoothing, generator)
+        if not isinstance(inplace, bool):
+            raise TypeError(f"inplace must be a bool, got {inplace!r}")
+        self.sampler = MixSampler(alpha, prob, variant, total_steps=total_steps, center_std=center_std,
+                                  generator=generator)
+        self.label_smoothing = float(label_smoothing)
+        self.inplace = inplace
+        self.last_mix: Optional[MixRecord] = None
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        check_images(images)
+        check_labels(labels, self.num_classes, images.shape[0])
+        draw = self.sampler.draw(images.shape[0])
+        targets = F.one_hot_targets(labels.to(images.device), self.num_classes, self.label_smoothing)
+        self.last_mix = None
+        if not draw.mixed:
+            return images, targets
+        h, w = images.shape[-2:]
+        box = draw.box_on_grid(h, w)
+        paste = F.paste_box_ if self.inplace else F.paste_box
+        images = paste(images, draw.perm, box)
+        weight = draw.label_weight(box, h, w)
+        y1, y2, x1, x2 = box
+        self.last_mix = MixRecord(0, (h, w), box, 1.0 - (y2 - y1) * (x2 - x1) / float(h * w), weight)
+        return images, F.mix_targets(targets, draw.perm, weight)
+
+    def get_extra_state(self) -> Any:
+        return self.sampler.state_dict()
+
+    def set_extra_state(self, state: Any) -> None:
+        self.sampler.load_state_dict(state)
+
+    def extra_repr(self) -> str:
+        s = self.sampler
+        return (f"num_classes={self.num_classes}, alpha={s.alpha}, prob={s.prob}, variant={s.variant!r}, "
+                f"label_smoothing={self.label_smoothing}, inplace={self.inplace}")

@@ -1,0 +1,59 @@
+"""Input checks with errors that name the argument and the accepted values.
+
+Checks that would need the device to answer (label range on a GPU tensor) are done only where the
+tensor lives on the host, so a CUDA training step never waits on a sync; on a GPU an out-of-range
+label still fails loudly, through the device-side bounds check of the one-hot scatter.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def check_num_classes(num_classes: object) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    return num_classes
+
+
+def check_images(images: object, name: str = "images") -> Tensor:
+    if not isinstance(images, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32/float16/bfloat16/float64); got "
+                        f"{images.dtype}: convert uint8 images with e.g. "
+                        f"torchvision.transforms.v2.ToDtype(torch.float32, scale=True) first")
+    if images.dim() != 4:
+        raise ValueError(f"{name} must have 4 dimensions (B, C, H, W); got shape {tuple(images.shape)}")
+    return images
+
+
+def check_labels(labels: object, num_classes: int, batch_size: Optional[int], name: str = "labels") -> Tensor:
+    """Class indices (B,) of an integer dtype in [0, num_classes), or soft targets (B, num_classes)."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor: class indices (B,) or targets (B, num_classes); got "
+                        f"{type(labels).__name__}")
+    if labels.dim() == 1:
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"{name} of shape (B,) must hold integer class indices (int64); got {labels.dtype}")
+        if labels.device.type == "cpu" and labels.numel() > 0:
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= num_classes:
+                raise ValueError(f"{name} must be class indices in [0, {num_classes}) (num_classes="
+                                 f"{num_classes}); got values in [{lo}, {hi}]")
+    elif labels.dim() == 2:
+        if not labels.is_floating_point():
+            raise TypeError(f"{name} of shape (B, num_classes) must be a floating-point tensor of soft or "
+                            f"multi-hot targets; got {labels.dtype}")
+        if labels.shape[1] != num_classes:
+            raise ValueError(f"{name} of shape (B, K) must have K = num_classes = {num_classes}; got shape "
+                             f"{tuple(labels.shape)}")
+    else:
+        raise ValueError(f"{name} must have shape (B,) (class indices) or (B, {num_classes}) (targets); got "
+                         f"shape {tuple(labels.shape)}")
+    if batch_size is not None and labels.shape[0] != batch_size:
+        raise ValueError(f"{name} must have one entry per image: batch size {batch_size}, got "
+                         f"{labels.shape[0]} labels")
+    return labels
