@@ -151,9 +151,11 @@ def infer_num_classes(model: nn.Module) -> int:
         except Exception:  # noqa: BLE001 - a model's own accessor may not apply; fall through
             pass
     heads += [getattr(model, a) for a in ("fc", "classifier", "head", "heads") if isinstance(getattr(model, a, None), nn.Module)]
+    if isinstance(model, nn.Sequential) and len(model) and isinstance(model[-1], nn.Linear):
+        heads.append(model[-1])
     for head in heads:
         linears = [m for m in head.modules() if isinstance(m, nn.Linear)] if isinstance(head, nn.Module) else []
         if linears:
             return linears[-1].out_features
     raise ValueError(f"cannot infer num_classes from {type(model).__name__} (no num_classes attribute and no Linear "
-                     f"classifier in fc/classifier/head): pass num_classes= explicitly")
+                     f"classifier in fc/classifier/head or at the end of a Sequential): pass num_classes= explicitly")

@@ -1,0 +1,60 @@
+"""Shared helpers for the featmix test-suite: everything is CPU-only and makes its own data."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def constant_images(batch: int, h: int, w: int, channels: int = 3, dtype=torch.float32) -> torch.Tensor:
+    """Image i is filled with the value i, so every output pixel names the image it came from."""
+    return torch.arange(batch, dtype=dtype).view(batch, 1, 1, 1).expand(batch, channels, h, w).contiguous()
+
+
+def find_rectangle(diff: torch.Tensor):
+    """(y1, y2, x1, x2) of the True cells of a 2-D mask if they form one filled rectangle, else None."""
+    if not diff.any():
+        return (0, 0, 0, 0)
+    rows = diff.any(1).nonzero().flatten()
+    cols = diff.any(0).nonzero().flatten()
+    y1, y2, x1, x2 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+    box = torch.zeros_like(diff)
+    box[y1:y2, x1:x2] = True
+    return (y1, y2, x1, x2) if torch.equal(box, diff) else None
+
+
+class TinyNet(nn.Module):
+    """A small CNN with a ResNet-style layout (conv1/bn1/act1, layer1..layer3, fc) and no feature_info.
+
+    At H x W input the maps after act1, layer1, layer2, layer3 are H, H, H/2, H/4.
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.act1 = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True))
+        self.layer2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(inplace=True))
+        self.layer3 = nn.Sequential(nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.ReLU(inplace=True))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+@pytest.fixture
+def tiny_net() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
