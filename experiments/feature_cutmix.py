@@ -1,0 +1,42 @@
+"""Feature CutMix (the paper's ImageNet table): baseline vs CutMix on the input vs CutMix at a layer drawn
+at random for every batch (featmix's layer="random", or a list of layer indices), over paired seeds.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import results, study
+from .engine import Setting
+
+
+def _layers(text: str) -> str | int:
+    return text if text == "random" else int(text)
+
+
+def make_settings(opts: dict[str, Any]) -> list[Setting]:
+    layers = opts["feature_layers"]
+    if layers == ["random"]:
+        feature = Setting("feature_random", layer="random", alpha=opts["alpha"])
+    elif "random" in layers:
+        raise SystemExit("--feature-layers: either 'random' or a list of layer indices")
+    else:
+        feature = Setting("feature_" + "-".join(map(str, layers)), layer=list(layers), alpha=opts["alpha"])
+    return [Setting("baseline"), Setting("input", layer=0, alpha=opts["alpha"]), feature]
+
+
+def plot(stats: list[dict], out: Path, name: str) -> Path:
+    return results.plot_bars(stats, out / "feature_cutmix.png",
+                             f"{name}: final top-1 test error, mean ± std over seeds")
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    p = study.build_parser("feature_cutmix", __doc__)
+    p.add_argument("--feature-layers", nargs="+", type=_layers, default=["random"], metavar="L",
+                   help="'random' (featmix's choice per batch among the input, the stem and every stage but the "
+                        "last, as Manifold Mixup) or the layer indices to draw from")
+    return study.run_study("feature_cutmix", p.parse_args(argv), make_settings, plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Result rows (JSON lines + CSV), the Markdown summary with paired differences, and the plots.
+
+The summary compares every setting with the baseline *of the same seed*: runs of one seed share
+initial weights, data order and augmentation, so the per-seed difference cancels most of the
+seed-to-seed spread that would otherwise swamp effects of a point or less.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+ROW_KEYS = (
+    "study", "model", "dataset", "setting", "layer", "alpha", "variant", "cutmix_prob", "seed", "epochs",
+    "train_size", "test_size", "batch_size", "lr", "best_top1_err", "best_top5_err", "best_epoch",
+    "final_top1_err", "final_top5_err", "final_train_loss", "train_time_s", "eval_time_s", "images_per_s",
+    "world_size", "device", "config_hash", "finished_at",
+)
+RULE = "2-SE rule: |mean Δ| > 2·std(Δ)/√n over the n paired seeds"
+
+
+def append_row(out: str | Path, row: dict[str, Any]) -> None:
+    """Append one run to results.jsonl (all keys) and results.csv (`ROW_KEYS`, header written once)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    csv_path = out / "results.csv"
+    new = not csv_path.exists() or csv_path.stat().st_size == 0
+    with open(csv_path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=ROW_KEYS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
+
+
+def load_rows(out: str | Path) -> list[dict[str, Any]]:
+    """All rows of results.jsonl (a truncated last line from a killed run is skipped)."""
+    path = Path(out) / "results.jsonl"
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
+
+
+def summarize(rows: Iterable[dict[str, Any]], order: Sequence[str] | None = None,
+              baseline: str = "baseline") -> list[dict[str, Any]]:
+    """Per setting: seeds, mean/std of final and best errors, and paired differences to the baseline.
+
+    Δ = setting - baseline of the same seed (negative: the setting has lower error). `resolved` applies
+    `RULE`; `wins` counts seeds where the setting's final top-1 error is lower than the baseline's.
+    """
+    by: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        by.setdefault(r["setting"], {})[r["seed"]] = r  # a later row of the same run wins
+    names = [n for n in (order or by) if n in by]
+    base = by.get(baseline, {})
+    stats = []
+    for name in names:
+        runs = by[name]
+        first = next(iter(runs.values()))
+        s: dict[str, Any] = {"setting": name, "n": len(runs), "seeds": sorted(runs),
+                             "layer": first.get("layer"), "alpha": first.get("alpha"), "variant": first.get("variant")}
+        for key in ("final_top1_err", "best_top1_err", "final_top5_err", "best_top5_err"):
+            s[key] = _mean_std([r[key] for r in runs.values()])
+        paired = sorted(set(runs) & set(base)) if name != baseline else []
+        s["n_pairs"] = len(paired)
+        for key in ("final_top1_err", "best_top1_err"):
+            d = [runs[k][key] - base[k][key] for k in paired]
+            s["diff_" + key] = _mean_std(d)
+        d = [runs[k]["final_top1_err"] - base[k]["final_top1_err"] for k in paired]
+        s["wins"] = sum(x < 0 for x in d)
+        m, sd = s["diff_final_top1_err"]
+        s["resolved"] = len(d) >= 2 and abs(m) > 2 * (sd if sd == sd else math.inf) / math.sqrt(len(d))
+        stats.append(s)
+    return stats
+
+
+def _fmt(ms: tuple[float, float], sign: bool = False) -> str:
+    m, s = ms
+    if m != m:
+        return "–"
+    head = f"{m:+.2f}" if sign else f"{m:.2f}"
+    return f"{head} ± {s:.2f}" if s == s else f"{head} ± –"
+
+
+def markdown_table(stats: Sequence[dict[str, Any]], baseline: str = "baseline") -> str:
+    """The summary table (errors in %, mean ± sample std over seeds)."""
+    lines = ["| setting | n | final top-1 err | best top-1 err | final top-5 err | Δ final top-1 vs baseline "
+             "(paired) | Δ best top-1 (paired) | lower than baseline | Δ resolved? |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in stats:
+        is_base = s["setting"] == baseline
+        delta = "(reference)" if is_base else _fmt(s["diff_final_top1_err"], sign=True)
+        delta_best = "" if is_base else _fmt(s["diff_best_top1_err"], sign=True)
+        wins = "" if is_base else f"{s['wins']}/{s['n_pairs']}"
+        resolved = "" if is_base else ("yes" if s["resolved"] else "no")
+        lines.append(f"| {s['setting']} | {s['n']} | {_fmt(s['final_top1_err'])} | {_fmt(s['best_top1_err'])} | "
+                     f"{_fmt(s['final_top5_err'])} | {delta} | {delta_best} | {wins} | {resolved} |")
+    return "\n".join(lines)
+
+
+def write_summary(out: str | Path, stats: Sequence[dict[str, Any]], header: str = "",
+                  baseline: str = "baseline") -> Path:
+    """Write summary.md: a short header, the table and how to read it."""
+    notes = (
+        "Errors are test errors in %, mean ± sample std over seeds. *final*: after the last epoch; *best*: the "
+        "lowest error among the evaluations during training (the paper's convention; optimistic, since it is "
+        "chosen on the test set). Δ = setting − baseline of the same seed (negative = fewer errors), mean ± std "
+        f"of the per-seed differences. *Δ resolved?* applies the {RULE}. *lower than baseline*: seeds where "
+        "the final top-1 error is below the baseline's.")
+    path = Path(out) / "summary.md"
+    path.write_text(f"{header}\n\n{markdown_table(stats, baseline)}\n\n{notes}\n")
+    return path
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _baseline_band(ax, stats: Sequence[dict[str, Any]], key: str, baseline: str) -> None:
+    base = next((s for s in stats if s["setting"] == baseline), None)
+    if base is None or base[key][0] != base[key][0]:
+        return
+    m, sd = base[key]
+    ax.axhline(m, ls="--", color="gray", label=f"baseline ({m:.2f})")
+    if sd == sd:
+        ax.axhspan(m - sd, m + sd, color="gray", alpha=0.15, lw=0)
+
+
+def plot_curve(stats: Sequence[dict[str, Any]], x_key: str, path: str | Path, xlabel: str, title: str,
+               key: str = "final_top1_err", log_x: bool = False, baseline: str = "baseline") -> Path:
+    """Figure-3 style: error vs `x_key` (layer index or alpha), std error bars, baseline dashed with band."""
+    plt = _plt()
+    pts = sorted((float(s[x_key]), *s[key]) for s in stats
+                 if s["setting"] != baseline and isinstance(s.get(x_key), (int, float)))
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    _baseline_band(ax, stats, key, baseline)
+    if pts:
+        xs, ms, sds = zip(*pts)
+        ax.errorbar(xs, ms, yerr=[0 if v != v else v for v in sds], marker="o", capsize=3, color="C3", label="CutMix")
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x:g}" for x in xs])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 error (%)" if "top1" in key else "top-5 error (%)")
+    n = max((s["n"] for s in stats), default=0)
+    ax.set_title(f"{title} (n = {n})", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_bars(stats: Sequence[dict[str, Any]], path: str | Path, title: str, key: str = "final_top1_err",
+              baseline: str = "baseline") -> Path:
+    """One bar per setting (mean, std error bars), the baseline as a dashed line with its band."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(stats) + 1.5), 3.6), dpi=120)
+    _baseline_band(ax, stats, key, baseline)
+    names = [s["setting"] for s in stats]
+    ms = [s[key][0] for s in stats]
+    sds = [0 if s[key][1] != s[key][1] else s[key][1] for s in stats]
+    ax.bar(range(len(stats)), ms, yerr=sds, capsize=3, color=["gray" if n == baseline else "C3" for n in names])
+    ax.set_xticks(range(len(stats)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    finite = [m - s for m, s in zip(ms, sds) if m == m]
+    if finite:
+        ax.set_ylim(bottom=max(0.0, min(finite) - 2))
+    ax.set_ylabel("top-1 error (%)" if "top1" in key else "top-5 error (%)")
+    n = max((s["n"] for s in stats), default=0)
+    ax.set_title(f"{title} (n = {n})", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,267 @@
+"""What the four studies share: the command-line options, recipes, and running settings x seeds with resume.
+
+A study is a list of `Setting`s (the baseline first) run for every seed, seed-major, so that an
+interrupted study already holds complete baseline/CutMix pairs. Each finished run leaves a checkpoint
+and a row; a rerun of the same command skips those runs. Under `torchrun` the same command trains with
+DistributedDataParallel and only rank 0 writes.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import results
+from .data import DATASETS, load_dataset
+from .engine import DistInfo, RunConfig, Setting, train_run
+
+# fast: the CPU regime where CutMix has something to regularise (on data the network cannot overfit,
+# short schedules are only hurt by it): a fixed 1,000-image class-balanced Fashion-MNIST subset trained
+# for 60 epochs (~10 min for the default depth ablation on 2 idle cores). paper-cifar: the paper's run.
+RECIPES: dict[str, dict[str, Any]] = {
+    "fast": dict(model="resnet8_cifar", dataset="fashion-mnist", train_subset=1000, test_subset=0, epochs=60,
+                 batch_size=128, lr=0.2, wd=5e-4, schedule="onecycle", cutmix_prob=0.5, alpha=1.0,
+                 seeds=[0, 1], eval_every=20),
+    "paper-cifar": dict(model="pyramidnet200_a240", dataset="cifar100", train_subset=0, test_subset=0, epochs=300,
+                        batch_size=64, lr=0.25, wd=1e-4, schedule="step", cutmix_prob=0.5, alpha=1.0,
+                        seeds=[0, 1, 2], eval_every=1),
+}
+SMOKE = dict(epochs=1, train_subset=256, test_subset=500, seeds=[0], eval_every=1)
+SUBSET_SEED = 1234  # fixed: every seed and setting trains on the same subset
+# Options that do not change what is measured (only how fast) and so may differ on resume.
+_SPEED_ONLY = {"eval_batch_size", "channels_last", "compile"}
+
+
+def _model_kwarg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Show a default only where there is one, and each recipe's value for recipe-filled options."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        key = action.dest
+        if key in RECIPES["fast"]:
+            text += " (" + "; ".join(f"{r}: {v[key] if v[key] != 0 or 'subset' not in key else 'all'}"
+                                     for r, v in RECIPES.items()) + ")"
+        elif action.default not in (None, False, argparse.SUPPRESS) and action.default != []:
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser(study: str, description: str) -> argparse.ArgumentParser:
+    """The options every study takes; a study adds its own (layers, alphas, ...) before parsing."""
+    p = argparse.ArgumentParser(prog=f"python -m experiments.{study}", description=description,
+                                formatter_class=_HelpFormatter)
+    r = p.add_argument_group("recipe (options left unset take the recipe's value)")
+    r.add_argument("--recipe", choices=sorted(RECIPES), default="fast",
+                   help="fast: ResNet-8 on a 1k-image Fashion-MNIST subset, minutes on a CPU; paper-cifar: "
+                        "PyramidNet-200 (a240) on CIFAR-100, 300 epochs, the paper's schedule")
+    r.add_argument("--smoke", action="store_true",
+                   help=f"tiny run for CI (<1 min): {SMOKE}, output in runs/<study>-smoke")
+    m = p.add_argument_group("model and data")
+    m.add_argument("--model", help="any timm model name (featmix's models: resnet8_cifar, resnet20_cifar, "
+                                   "pyramidnet200_a240, ...)")
+    m.add_argument("--model-kwargs", nargs="+", type=_model_kwarg, default=[], metavar="KEY=VALUE",
+                   help="extra keyword arguments for timm.create_model, e.g. width=32 drop_rate=0.1")
+    m.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (synthetic: tiny data for tests)")
+    m.add_argument("--data-dir", default=os.environ.get("FEATMIX_DATA"),
+                   help="where datasets live or are downloaded to (Fashion-MNIST is also looked up in "
+                        "/usr/share/datasets/fashion-mnist; default for downloads: ./data; env FEATMIX_DATA)")
+    m.add_argument("--download", action="store_true", help="allow torchvision to download the dataset")
+    m.add_argument("--train-subset", type=int, metavar="N",
+                   help="train on a fixed class-balanced subset of N images (0: all)")
+    m.add_argument("--test-subset", type=int, metavar="N",
+                   help="evaluate on a fixed class-balanced subset of N test images (0: all)")
+    m.add_argument("--image-size", type=int, default=224, help="crop size for imagefolder datasets")
+    m.add_argument("--workers", type=int, default=4, help="DataLoader workers for imagefolder datasets")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, help="training epochs")
+    t.add_argument("--batch-size", type=int, help="global batch size (split over DDP ranks)")
+    t.add_argument("--eval-batch-size", type=int, default=500,
+                   help="test batch size (500 ran faster than 1000 on a 2-core CPU)")
+    t.add_argument("--lr", type=float, help="peak learning rate (SGD, nesterov momentum)")
+    t.add_argument("--wd", type=float, help="weight decay")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (nesterov when > 0)")
+    t.add_argument("--schedule", choices=["onecycle", "step", "cosine"],
+                   help="lr schedule; step = /10 at 50%% and 75%% of the epochs")
+    t.add_argument("--cutmix-prob", type=float, help="probability that a batch is mixed")
+    t.add_argument("--alpha", type=float, help="lam ~ Beta(alpha, alpha) (default for settings that do not vary it)")
+    t.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="smoothing of the one-hot labels (before mixing)")
+    t.add_argument("--seeds", type=int, nargs="+", help="seed k is shared by every setting (paired comparison)")
+    t.add_argument("--eval-every", type=int, metavar="E", help="evaluate every E epochs (and after the last)")
+    s = p.add_argument_group("hardware and output")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    s.add_argument("--amp", action="store_true", help="autocast to bf16 (fp16 + grad scaling on GPUs without bf16)")
+    s.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    s.add_argument("--out", help="output directory (default runs/<study>, or runs/<study>-smoke)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars (also off when not a TTY)")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> dict[str, Any]:
+    """Recipe defaults <- --smoke <- explicit options; returns a flat dict of every option."""
+    opts = dict(RECIPES[args.recipe])
+    if args.smoke:
+        opts.update(SMOKE)
+    opts.update({k: v for k, v in vars(args).items() if v is not None and k not in ("recipe", "smoke")})
+    opts["recipe"], opts["smoke"] = args.recipe, args.smoke
+    opts["model_kwargs"] = dict(args.model_kwargs)
+    return opts
+
+
+def run_config(opts: dict[str, Any]) -> RunConfig:
+    return RunConfig(**{f.name: opts[f.name] for f in fields(RunConfig) if f.name in opts})
+
+
+def measured_options(study: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """The options that define the measurements (not seeds, the settings list, output or speed switches)."""
+    keys = [f.name for f in fields(RunConfig) if f.name not in _SPEED_ONLY]
+    keys += ["train_subset", "test_subset", "image_size"]
+    return {"study": study, "subset_seed": SUBSET_SEED, **{k: opts.get(k) for k in keys}}
+
+
+def config_hash(study: str, opts: dict[str, Any]) -> str:
+    """Fingerprint of `measured_options`: rows and checkpoints of another configuration are never reused."""
+    blob = json.dumps(measured_options(study, opts), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def init_distributed(device: str) -> DistInfo:
+    """DDP when launched by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but torch.cuda.is_available() is False")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+    return DistInfo(rank, world, dev)
+
+
+def _finished(out: Path, chash: str) -> set[tuple[str, int]]:
+    """Runs with a row of this configuration and a checkpoint on disk."""
+    return {(r["setting"], r["seed"]) for r in results.load_rows(out)
+            if r.get("config_hash") == chash and (out / "ckpt" / f"{r['setting']}_seed{r['seed']}.pt").exists()}
+
+
+def _check_out_dir(out: Path, study: str, chash: str, opts: dict[str, Any]) -> None:
+    """Refuse to mix two configurations in one output directory (resume needs like with like)."""
+    cfg_path = out / "config.json"
+    if not cfg_path.exists():
+        return
+    old = json.loads(cfg_path.read_text())
+    if old.get("config_hash") != chash:
+        new = json.loads(json.dumps(measured_options(study, opts), default=str))
+        was = old.get("measured", {})
+        diff = {k: (was.get(k), v) for k, v in new.items() if was.get(k) != v}
+        raise SystemExit(f"{out} holds results of a different configuration (old -> new: {diff}); "
+                         "pass another --out or delete that directory")
+
+
+def run_study(study: str, args: argparse.Namespace, make_settings: Callable[[dict[str, Any]], Sequence[Setting]],
+              plot: Callable[[list[dict], Path, str], Path | None] | None = None) -> Path:
+    """Run every setting x seed not yet finished, then write summary.md and the plot; returns the out dir."""
+    opts = resolve(args)
+    if opts.get("threads"):
+        torch.set_num_threads(opts["threads"])
+    di = init_distributed(opts["device"])
+    settings = list(make_settings(opts))
+    cfg = run_config(opts)
+    out = Path(opts.get("out") or f"runs/{study}{'-smoke' if opts['smoke'] else ''}")
+    chash = config_hash(study, opts)
+    progress = not opts["no_progress"] and sys.stderr.isatty()
+    _check_out_dir(out, study, chash, opts)  # on every rank, so that all of them stop
+
+    data = load_dataset(opts["dataset"], opts.get("data_dir"), opts["download"], opts["image_size"], opts["workers"])
+    data.subset(opts["train_subset"] or None, torch.Generator().manual_seed(SUBSET_SEED))
+    data.test_subset(opts["test_subset"] or None, torch.Generator().manual_seed(SUBSET_SEED + 1))
+    data.to(di.device)
+
+    done: list[Any] = [None]
+    if di.is_main:
+        (out / "ckpt").mkdir(parents=True, exist_ok=True)
+        config = {"study": study, "config_hash": chash, "measured": measured_options(study, opts), "options": opts,
+                  "settings": [asdict(s) for s in settings],
+                  "train_size": data.num_train, "test_size": data.num_test, "world_size": di.world_size,
+                  "device": str(di.device), "torch": torch.__version__, "argv": sys.argv}
+        (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        done[0] = _finished(out, chash)
+    if di.world_size > 1:
+        dist.broadcast_object_list(done, src=0)
+    done_set: set = done[0]
+
+    todo = [(seed, s) for seed in opts["seeds"] for s in settings if (s.name, seed) not in done_set]
+    if di.is_main:
+        print(f"{study}: {len(settings)} settings x {len(opts['seeds'])} seeds on {opts['dataset']} "
+              f"({data.num_train} train / {data.num_test} test images), {opts['model']}, {cfg.epochs} epochs, "
+              f"device {di.device} x{di.world_size}; {len(todo)} runs to do, "
+              f"{len(settings) * len(opts['seeds']) - len(todo)} already finished in {out}", flush=True)
+    t_start = time.perf_counter()
+    for i, (seed, s) in enumerate(todo, 1):
+        metrics, state = train_run(cfg, s, seed, data, di, progress, desc=f"{s.name} seed{seed}")
+        if not di.is_main:
+            continue
+        ckpt = {"model_state": state, "model": cfg.model, "model_kwargs": cfg.model_kwargs,
+                "num_classes": data.num_classes, "in_chans": data.in_chans, "input_size": data.input_size,
+                "dataset": opts["dataset"], "mean": data.mean, "std": data.std, "setting": asdict(s), "seed": seed,
+                "config": opts, "config_hash": chash, "metrics": metrics}
+        path = out / "ckpt" / f"{s.name}_seed{seed}.pt"
+        torch.save(ckpt, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)  # the row below is only written once the checkpoint is whole
+        row = {"study": study, "model": cfg.model, "dataset": opts["dataset"], "setting": s.name, "layer": s.layer,
+               "alpha": s.alpha if s.mixes else None, "variant": s.variant if s.mixes else None,
+               "cutmix_prob": cfg.cutmix_prob if s.mixes else None, "seed": seed, "epochs": cfg.epochs,
+               "train_size": data.num_train, "test_size": data.num_test, "batch_size": cfg.batch_size, "lr": cfg.lr,
+               **{k: v for k, v in metrics.items() if k != "history"}, "world_size": di.world_size,
+               "device": str(di.device), "config_hash": chash, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        results.append_row(out, row)
+        print(f"[{i}/{len(todo)}] {s.name} seed {seed}: final top-1 err {metrics['final_top1_err']:.2f}% "
+              f"(best {metrics['best_top1_err']:.2f}%), top-5 {metrics['final_top5_err']:.2f}%, "
+              f"{metrics['train_time_s']:.0f}+{metrics['eval_time_s']:.0f} s, {metrics['images_per_s']:.0f} img/s, "
+              f"{time.perf_counter() - t_start:.0f} s elapsed", flush=True)
+
+    if di.is_main:
+        names = [s.name for s in settings]
+        rows = [r for r in results.load_rows(out) if r.get("config_hash") == chash
+                and r["setting"] in names and r["seed"] in opts["seeds"]]
+        stats = results.summarize(rows, names)
+        header = (f"# {study}\n\n{opts['model']} on {opts['dataset']} ({data.num_train} training images, "
+                  f"{data.num_test} test images), {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr} "
+                  f"({cfg.schedule}), wd {cfg.wd}, cutmix_prob {cfg.cutmix_prob}, seeds {opts['seeds']}, "
+                  f"recipe {opts['recipe']}{' (smoke)' if opts['smoke'] else ''}; config {chash}.")
+        summary = results.write_summary(out, stats, header)
+        print("\n" + results.markdown_table(stats) + f"\n\nsummary: {summary}")
+        if plot is not None:
+            fig = plot(stats, out, study)
+            if fig is not None:
+                print(f"plot: {fig}")
+    if di.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out

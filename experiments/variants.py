@@ -1,0 +1,36 @@
+"""Variant ablation (the paper's Table 8): CutMix and five variants of it at one layer index, against the
+baseline without CutMix, over paired seeds.
+
+cutmix: as published; center_gaussian: box centre drawn near the centre; fixed_size: half-side box
+(lam = 0.75); scheduled: the chance of mixing ramps from 0 to 1 over training; one_hot: the label of the
+larger area; complete_label: 0.5/0.5 labels whatever the box.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import results, study
+from .engine import Setting
+
+VARIANTS = ["cutmix", "center_gaussian", "fixed_size", "scheduled", "one_hot", "complete_label"]
+
+
+def make_settings(opts: dict[str, Any]) -> list[Setting]:
+    return [Setting("baseline")] + [Setting(v, layer=opts["layer"], alpha=opts["alpha"], variant=v)
+                                    for v in opts["variants"]]
+
+
+def plot(stats: list[dict], out: Path, name: str) -> Path:
+    return results.plot_bars(stats, out / "variants.png", f"{name}: final top-1 test error, mean ± std over seeds")
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    p = study.build_parser("variants", __doc__)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="variants to run")
+    p.add_argument("--layer", type=int, default=0, help="layer index to mix at (0 = input)")
+    return study.run_study("variants", p.parse_args(argv), make_settings, plot)
+
+
+if __name__ == "__main__":
+    main()
