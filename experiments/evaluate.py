@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from . import metrics as M
 from .data import DEBIAN_FASHION_MNIST, DATASETS, FolderData, TensorData, load_dataset, read_idx
+from .study import model_kwarg
 from .localization import MAX_CLASSES as LOC_MAX_CLASSES, NAME as LOC_NAME, chance_gt_known, load_synthetic_loc
 
 METRICS = ("fgsm", "occlusion", "inbetween", "ood", "calibration", "localization")
@@ -646,17 +647,6 @@ def plot_inbetween(groups: dict[str, list[dict[str, Any]]], path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _model_kwarg(text: str) -> tuple[str, Any]:
-    import ast
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
-
-
 def _metric_list(text: str) -> tuple[str, ...]:
     names = tuple(m.strip() for m in text.split(",") if m.strip())
     bad = [m for m in names if m not in METRICS]
@@ -680,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "resnet8_cifar, ...")
     src.add_argument("--weights", help="a state_dict file for --model (or a dict holding it under "
                                        "model_state/state_dict)")
-    src.add_argument("--model-kwargs", nargs="+", type=_model_kwarg, default=[], metavar="KEY=VALUE",
+    src.add_argument("--model-kwargs", nargs="+", type=model_kwarg, default=[], metavar="KEY=VALUE",
                      help="extra timm.create_model keyword arguments for --model")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", help="evaluate on this dataset instead of the checkpoint's: one of "

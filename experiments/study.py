@@ -42,7 +42,8 @@ SUBSET_SEED = 1234  # fixed: every seed and setting trains on the same subset
 _SPEED_ONLY = {"eval_batch_size", "channels_last", "compile"}
 
 
-def _model_kwarg(text: str) -> tuple[str, Any]:
+def model_kwarg(text: str) -> tuple[str, Any]:
+    """argparse type for KEY=VALUE (VALUE parsed as a Python literal when it is one)."""
     key, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -79,7 +80,7 @@ def build_parser(study: str, description: str) -> argparse.ArgumentParser:
     m = p.add_argument_group("model and data")
     m.add_argument("--model", help="any timm model name (featmix's models: resnet8_cifar, resnet20_cifar, "
                                    "pyramidnet200_a240, ...)")
-    m.add_argument("--model-kwargs", nargs="+", type=_model_kwarg, default=[], metavar="KEY=VALUE",
+    m.add_argument("--model-kwargs", nargs="+", type=model_kwarg, default=[], metavar="KEY=VALUE",
                    help="extra keyword arguments for timm.create_model, e.g. width=32 drop_rate=0.1")
     m.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (synthetic: tiny data for tests)")
     m.add_argument("--data-dir", default=os.environ.get("FEATMIX_DATA"),

@@ -13,6 +13,8 @@ from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from .common import cifar_cfg
+
 from .pyramidnet import pad_channels
 
 __all__ = ["CifarResNet", "CifarBasicBlock"]
@@ -130,21 +132,12 @@ class CifarResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    cfg = dict(
-        url="", num_classes=100, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
-        interpolation="bilinear", mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-        first_conv="conv1", classifier="fc",
-    )
-    return {**cfg, **kwargs}
-
-
 default_cfgs = generate_default_cfgs({
-    "resnet8_cifar": _cfg(),
-    "resnet20_cifar": _cfg(),
-    "resnet56_cifar": _cfg(),
-    "resnet110_cifar": _cfg(),
-    "resnet18_cifar": _cfg(pool_size=(4, 4)),
+    "resnet8_cifar": cifar_cfg(),
+    "resnet20_cifar": cifar_cfg(),
+    "resnet56_cifar": cifar_cfg(),
+    "resnet110_cifar": cifar_cfg(),
+    "resnet18_cifar": cifar_cfg(pool_size=(4, 4)),
 })
 
 

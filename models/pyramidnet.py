@@ -16,6 +16,8 @@ from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from .common import cifar_cfg
+
 __all__ = ["PyramidNet", "PyramidBasicBlock", "PyramidBottleneck", "pad_channels"]
 
 
@@ -183,19 +185,10 @@ class PyramidNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    cfg = dict(
-        url="", num_classes=100, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
-        interpolation="bilinear", mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-        first_conv="conv1", classifier="fc",
-    )
-    return {**cfg, **kwargs}
-
-
 default_cfgs = generate_default_cfgs({
-    "pyramidnet200_a240": _cfg(),
-    "pyramidnet110_a64": _cfg(),
-    "pyramidnet272_a200": _cfg(),
+    "pyramidnet200_a240": cifar_cfg(),
+    "pyramidnet110_a64": cifar_cfg(),
+    "pyramidnet272_a200": cifar_cfg(),
 })
 
 

@@ -114,14 +114,17 @@ def test_attribute_fallthrough_and_num_classes_inference():
     assert featmix.CutMixAt(no_head, layer=0, num_classes=4).num_classes == 4
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("name,expected", [
     ("resnet18", [64, 32, 16, 8, 4, 2]),       # act1, layer1 (after the maxpool), layer2..4
-    ("resnet18d", [64, 32, 16, 8, 4, 2]),
-    ("seresnet18", [64, 32, 16, 8, 4, 2]),
-    ("regnetx_002", [64, 32, 16, 8, 4, 2]),    # stem, s1..s4
-    ("convnext_atto", [64, 16, 16, 8, 4, 2]),  # patchify stem (stride 4), stages.0..3
+    pytest.param("resnet18d", [64, 32, 16, 8, 4, 2], marks=SLOW),
+    pytest.param("seresnet18", [64, 32, 16, 8, 4, 2], marks=SLOW),
+    pytest.param("regnetx_002", [64, 32, 16, 8, 4, 2], marks=SLOW),    # stem, s1..s4
+    pytest.param("convnext_atto", [64, 16, 16, 8, 4, 2], marks=SLOW),  # patchify stem (stride 4), stages.0..3
     ("efficientnet_b0", [64, 32, 32, 16, 8, 4, 2]),  # conv_stem+bn1, blocks 0, 1, 2, 4, 6
-    ("mobilenetv3_small_050", [64, 32, 16, 8, 4, 2]),
+    pytest.param("mobilenetv3_small_050", [64, 32, 16, 8, 4, 2], marks=SLOW),
 ])
 def test_every_index_of_timm_families_mixes_on_expected_grid(name, expected):
     """expected[k] is the map side at index k for a 64 x 64 input (forward only: grids are the point)."""
@@ -140,6 +143,17 @@ def test_every_index_of_timm_families_mixes_on_expected_grid(name, expected):
             if len(seen) == len(expected):
                 break
     assert seen == {k: (g, g) for k, g in enumerate(expected)}
+
+
+@pytest.mark.parametrize("name,first", [("resnet50d", "act1"), ("resnext50_32x4d", "act1"), ("seresnet50", "act1"),
+                                        ("regnety_002", "stem"), ("convnext_atto", "stem"),
+                                        ("mobilenetv3_small_050", "bn1"), ("efficientnet_b0", "bn1")])
+def test_stem_and_stages_resolve_for_every_family(name, first):
+    """Cheap (no forward): index 1 is the stem, then one index per feature_info stage."""
+    model = timm.create_model(name, pretrained=False)
+    names = featmix.stage_names(model)
+    fi = [f["module"] for f in model.feature_info]
+    assert names[0] == first and names[-len(fi[1:]):] == fi[1:] and len(names) in (len(fi), len(fi) + 1)
 
 
 def test_resnet_index_matches_design_names():
