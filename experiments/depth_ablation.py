@@ -2,8 +2,8 @@
 layer index 1..4, against the same network trained without CutMix, over paired seeds.
 
 Layer index: 0 = input image, 1 = after the stem, 2 = after stage 1, 3 = after stage 2, 4 = after stage 3.
-With no arguments: the fast CPU recipe (ResNet-8 on a fixed 1,000-image Fashion-MNIST subset, 60 epochs,
-6 settings x 2 seeds, full 10k test set), about 10 minutes on 2 idle CPU cores.
+With no arguments: the fast CPU recipe (ResNet-8 on a fixed 1,000-image Fashion-MNIST subset, 40 epochs,
+6 settings x 2 seeds, full 10k test set), about 12 minutes on 2 idle CPU cores.
 """
 from __future__ import annotations
 

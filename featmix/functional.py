@@ -15,7 +15,8 @@ All three give bitwise-equal results for the same box and permutation.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -33,8 +34,28 @@ def _norm_dims(x: Tensor, hdim: int, wdim: int) -> Tuple[int, int]:
     return hdim % x.dim(), wdim % x.dim()
 
 
+# at::internal::GRAIN_SIZE. ATen's CPU index_select on a strided view copies slice by slice once a
+# slice has this many elements (below it, one parallel gather over the batch); paste_box_ switches
+# to its own slice-by-slice cycle walk at the same size.
+_CPU_GRAIN = 32768
+
+
 def _write_mixed(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
-    """Write the mixed ``x`` into the (uninitialised) ``out``: every element exactly once."""
+    """Write the mixed ``x`` into the (uninitialised) ``out``, choosing the faster of two layouts.
+
+    CPU: ``_write_copy_then_box`` unless the box spans whole rows (then there are no side bands and
+    ``_write_once`` writes every element once in long runs). GPU: ``_write_once`` (memory traffic is
+    what counts there; short rows cost little).
+    """
+    y1, y2, x1, x2 = box
+    if x.device.type == "cpu" and (x1 > 0 or x2 < x.shape[wdim]):
+        _write_copy_then_box(out, x, inv_perm, box, hdim, wdim)
+    else:
+        _write_once(out, x, inv_perm, box, hdim, wdim)
+
+
+def _write_once(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
+    """Every element of ``out`` written exactly once: four bands around the box, then the box."""
     y1, y2, x1, x2 = box
     n = x.dim()
     H, W = x.shape[hdim], x.shape[wdim]
@@ -43,10 +64,86 @@ def _write_mixed(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, 
         if yb > ya and xb > xa:
             idx = _index(n, hdim, wdim, slice(ya, yb), slice(xa, xb))
             out[idx].copy_(x[idx])
+    _write_box(out, x, inv_perm, box, hdim, wdim)
+
+
+def _write_copy_then_box(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
+    """One full ``copy_`` of ``x`` (long contiguous runs), then the box overwritten.
+
+    Writes the box twice, yet on CPU it beats ``_write_once``, whose side bands are rows of only
+    ``x1`` and ``W - x2`` elements: per element they cost more than the second write of the box
+    (``python -m experiments.bench_mixing``, (128,64,56,56) fp32 on 2 shared cores: ~1.7x a clone
+    for the once-only version, ~1.3x for this one).
+    """
+    out.copy_(x)
+    _write_box(out, x, inv_perm, box, hdim, wdim)
+
+
+def _write_box(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
     # Inside the box: the partner's pixels. out[i] = x[perm[i]]  <=>  out[inv[j]] = x[j], which
     # index_copy_ does in one kernel between two strided views, with no temporary.
-    inside = _index(n, hdim, wdim, slice(y1, y2), slice(x1, x2))
+    y1, y2, x1, x2 = box
+    inside = _index(x.dim(), hdim, wdim, slice(y1, y2), slice(x1, x2))
     out[inside].index_copy_(0, inv_perm, x[inside])
+
+
+def _serial_blocks(shape: Sequence[int]) -> List[tuple]:
+    """Index tuples cutting a tensor of ``shape`` into blocks of fewer than ``_CPU_GRAIN`` elements.
+
+    ATen copies such a block on the calling thread. Many small parallel copies are what a busy CPU
+    punishes: each parallel region waits until every worker thread gets a core (measured on 2 shared
+    cores: a per-sample walk with parallel copies took 10-30x longer than with serial blocks).
+    """
+    blocks: List[tuple] = [()]
+    for d, size in enumerate(shape):
+        inner = math.prod(shape[d + 1:])
+        if inner * size < _CPU_GRAIN:
+            break
+        step = max(1, (_CPU_GRAIN - 1) // inner)
+        blocks = [b + (slice(a, min(a + step, size)),) for b in blocks for a in range(0, size, step)]
+        if inner < _CPU_GRAIN:
+            break
+    return blocks
+
+
+def _permute_cycles_(region: Tensor, perm: Sequence[int]) -> None:
+    """In place ``region[i] = region[perm[i]]`` by walking the permutation's cycles.
+
+    Each sample's box is read once and written once and only one sample's box is buffered, where a
+    gather-then-copy reads and writes the box twice through a batch-sized temporary (and timm's
+    Mixup copies the whole batch). Copies go in serial blocks (``_serial_blocks``).
+    """
+    cut = _serial_blocks(region.shape[1:])
+    views: Dict[int, List[Tensor]] = {}
+
+    def blocks(i: int) -> List[Tensor]:
+        if i not in views:
+            sample = region[i]
+            views[i] = [sample[c] for c in cut]
+        return views[i]
+
+    def copy_blocks(dst: List[Tensor], src: List[Tensor]) -> None:
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+    done = bytearray(len(perm))
+    tmp: Optional[List[Tensor]] = None
+    for start in range(len(perm)):
+        if done[start] or perm[start] == start:
+            continue
+        if tmp is None:
+            buf = torch.empty(region.shape[1:], dtype=region.dtype, device=region.device)
+            tmp = [buf[c] for c in cut]
+        copy_blocks(tmp, blocks(start))
+        i = start
+        while True:
+            done[i] = 1
+            j = perm[i]
+            if j == start:
+                copy_blocks(blocks(i), tmp)
+                break
+            copy_blocks(blocks(i), blocks(j))
+            i = j
 
 
 def _empty_box(box: Box) -> bool:
@@ -106,7 +203,8 @@ def paste_box(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1,
 def paste_box_(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1) -> Tensor:
     """In place: overwrite the box of every sample of ``x`` with its partner's box. Returns ``x``.
 
-    Only the box region is read (once, into a temporary: partners overlap) and written.
+    Only the box region is read and written. Partners overlap, so a plain gather needs a temporary;
+    on CPU a large box instead walks the permutation's cycles, buffering one sample's box.
     """
     hdim, wdim = _norm_dims(x, hdim, wdim)
     if _empty_box(box):
@@ -114,7 +212,13 @@ def paste_box_(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1
     y1, y2, x1, x2 = box
     inside = _index(x.dim(), hdim, wdim, slice(y1, y2), slice(x1, x2))
     region = x[inside]
-    region.copy_(region.index_select(0, perm.to(x.device, non_blocking=True)))
+    if x.device.type == "cpu" and region.numel() >= _CPU_GRAIN * max(x.shape[0], 1):
+        # Large boxes: cycle walk (ATen's index_select on a strided view would also copy slice by
+        # slice, each copy a parallel region, into a temporary, and then copy everything back).
+        _permute_cycles_(region, perm.tolist())
+    else:
+        # Small boxes (one parallel gather over the batch) and GPUs (one kernel): gather, copy back.
+        region.copy_(region.index_select(0, perm.to(x.device, non_blocking=True)))
     return x
 
 
@@ -144,7 +248,10 @@ def paste_box_masked(x: Tensor, perm: Tensor, box: Tensor, hdim: int = -2, wdim:
     """Out-of-place paste with the box as a tensor: ``where(mask, x[perm], x)``.
 
     Shapes are static and values live in tensors, so ``torch.compile`` builds one graph for every
-    batch; the compiler fuses the gather and the select into one pass over memory.
+    batch; the compiler fuses the gather and the select into one pass over memory. The gather is
+    ``x[perm]`` rather than ``index_select``: where nothing fuses it (eager, ``aot_eager``) ATen's CPU
+    index_select copies sample by sample, one parallel region each, which on a busy CPU took 8-25x
+    longer than the one-pass indexing kernel (and its backward, a scatter-add, likewise).
     """
     hdim, wdim = _norm_dims(x, hdim, wdim)
     H, W = x.shape[hdim], x.shape[wdim]
@@ -158,7 +265,7 @@ def paste_box_masked(x: Tensor, perm: Tensor, box: Tensor, hdim: int = -2, wdim:
     shape_x = [1] * x.dim()
     shape_x[wdim] = W
     mask = my.view(shape_y) & mx.view(shape_x)
-    return torch.where(mask, x.index_select(0, perm.to(x.device)), x)
+    return torch.where(mask, x[perm.to(x.device)], x)
 
 
 def box_area_fraction(box: Tensor, h: int, w: int) -> Tensor:

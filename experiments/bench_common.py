@@ -1,0 +1,153 @@
+"""Timing helpers shared by the featmix speed benchmarks.
+
+The CPU is shared with other jobs, so single timings mean little: every contender is timed many times,
+interleaved with its rivals in the same loop (a slow phase of the machine hits all of them), the order
+rotated every round (no contender always runs right after the same neighbour), and min / median / max
+are reported. Work a contender needs before each call (restoring an input that an in-place op
+overwrote) runs untimed in ``setup``; on CUDA the time between two events on the stream is measured.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class Case:
+    """One contender: ``fn`` is timed; ``setup`` (untimed) runs right before every call of ``fn``."""
+
+    fn: Callable[[], Any]
+    setup: Optional[Callable[[], Any]] = None
+
+
+@dataclass
+class Stats:
+    """Milliseconds over ``n`` timed calls."""
+
+    min: float
+    median: float
+    max: float
+    n: int
+    samples: List[float] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> "Stats":
+        s = list(samples)
+        return cls(min(s), statistics.median(s), max(s), len(s), s)
+
+    def as_dict(self, with_samples: bool = False) -> Dict[str, Any]:
+        d = asdict(self)
+        if not with_samples:
+            d.pop("samples")
+        return d
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device) -> float:
+    """Milliseconds of one call. The result is dropped after the clock stops, so freeing a large output
+    is not timed (allocating it is: page faults of a fresh CPU allocation are part of any out-of-place op)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = fn()
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end)
+    else:
+        t0 = time.perf_counter()
+        result = fn()
+        ms = (time.perf_counter() - t0) * 1e3
+    del result
+    return ms
+
+
+def interleaved(cases: Mapping[str, Case], repeats: int, warmup: int, device: torch.device) -> Dict[str, Stats]:
+    """Time every case ``repeats`` times after ``warmup`` untimed rounds, interleaved in rotating order."""
+    names = list(cases)
+    samples: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            case = cases[name]
+            if case.setup is not None:
+                case.setup()
+            synchronize(device)
+            ms = time_call(case.fn, device)
+            if r >= warmup:
+                samples[name].append(ms)
+    return {n: Stats.of(s) for n, s in samples.items()}
+
+
+def environment(device: torch.device) -> Dict[str, Any]:
+    """What the numbers depend on: versions, threads, the machine's load while measuring."""
+    env: Dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import timm
+        import torchvision
+        env["timm"], env["torchvision"] = timm.__version__, torchvision.__version__
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu`` / ``cuda`` / ``cuda:N``, with a clear error when CUDA is asked for but absent."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def set_threads(threads: Optional[int]) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def fmt_ms(ms: float) -> str:
+    return f"{ms:.3f}" if ms < 10 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
+
+
+def fmt_ratio(r: Optional[float]) -> str:
+    return "-" if r is None or not math.isfinite(r) else f"{r:.2f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain fixed-width table (first column left-aligned, the rest right-aligned)."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def write_json(path: str, payload: Dict[str, Any]) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return p
+
+
+__all__ = ["Case", "Stats", "interleaved", "time_call", "synchronize", "environment", "resolve_device",
+           "set_threads", "fmt_ms", "fmt_ratio", "table", "write_json"]

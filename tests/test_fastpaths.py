@@ -1,0 +1,395 @@
+"""Every fast path of the mixing kernels against the simple reference, bit for bit.
+
+The reference is the paper's code: clone, then ``out[:, :, y1:y2, x1:x2] = x[perm, :, y1:y2, x1:x2]``.
+The kernels pick different strategies by device, box shape and size (full copy then box, each element
+once, cycle walk in place, gather in place); each strategy is exercised here on CPU, including the
+GPU one, and compared with ``torch.equal`` (all kernels only copy, so any difference is a bug).
+Also: gradients against autograd through the reference, dtype and memory-format preservation, empty
+and full boxes, the layer and transform entry points, and a smoke run of both benchmarks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Tuple
+
+import pytest
+import torch
+
+import featmix
+import featmix.functional as F
+from featmix.layer import arm
+from featmix.sampling import MixDraw, MixSampler
+
+Box = Tuple[int, int, int, int]
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def reference(x: torch.Tensor, perm: torch.Tensor, box: Box) -> torch.Tensor:
+    """The reference code on (B, C, H, W)."""
+    y1, y2, x1, x2 = box
+    out = x.clone()
+    out[:, :, y1:y2, x1:x2] = x[perm, :, y1:y2, x1:x2]
+    return out
+
+
+def reference_dims(x: torch.Tensor, perm: torch.Tensor, box: Box, hdim: int, wdim: int) -> torch.Tensor:
+    """The same on any two dimensions."""
+    y1, y2, x1, x2 = box
+    idx = [slice(None)] * x.dim()
+    idx[hdim], idx[wdim] = slice(y1, y2), slice(x1, x2)
+    out = x.clone()
+    out[tuple(idx)] = x[perm][tuple(idx)]
+    return out
+
+
+def make(shape, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def rand_perm(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+SMALL = (6, 3, 9, 11)
+# one sample's box here is >= F._CPU_GRAIN elements: paste_box_ takes the cycle walk on CPU
+LARGE = (5, 8, 70, 70)
+BOXES = {
+    "interior": (2, 7, 3, 8),
+    "top_left_corner": (0, 4, 0, 5),
+    "bottom_right_corner": (5, 9, 6, 11),
+    "full_width": (2, 6, 0, 11),       # no side bands: CPU writes each element once
+    "full_height": (0, 9, 4, 7),
+    "single_pixel": (4, 5, 5, 6),
+    "full": (0, 9, 0, 11),
+}
+LARGE_BOXES = {"interior": (3, 68, 2, 69), "full_width": (0, 66, 0, 70), "full": (0, 70, 0, 70)}
+
+
+def cases():
+    for name, box in BOXES.items():
+        yield pytest.param(SMALL, box, id=f"small-{name}")
+    for name, box in LARGE_BOXES.items():
+        yield pytest.param(LARGE, box, id=f"large-{name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape,box", list(cases()))
+def test_out_of_place_and_in_place_match_reference(shape, box, dtype):
+    x = make(shape, dtype)
+    perm = rand_perm(shape[0])
+    want = reference(x, perm, box)
+    before = x.clone()
+
+    out = F.paste_box(x, perm, box)
+    assert out.dtype == dtype and out.data_ptr() != x.data_ptr()
+    assert torch.equal(out, want)
+    assert torch.equal(x, before), "paste_box modified its input"
+
+    masked = F.paste_box_masked(x, perm, torch.tensor(box))
+    assert masked.dtype == dtype and torch.equal(masked, want)
+
+    y = x.clone()
+    ptr = y.data_ptr()
+    res = F.paste_box_(y, perm, box)
+    assert res is y and y.data_ptr() == ptr and y.dtype == dtype
+    assert torch.equal(y, want)
+
+
+@pytest.mark.parametrize("shape,box", list(cases()))
+@pytest.mark.parametrize("writer", ["_write_once", "_write_copy_then_box", "_write_mixed"])
+def test_every_out_of_place_strategy_matches_reference(shape, box, writer):
+    """Both strategies are tested on CPU whichever the dispatcher would pick here (the GPU one too)."""
+    x = make(shape)
+    perm = rand_perm(shape[0])
+    out = torch.full_like(x, float("nan"))  # anything left unwritten would show
+    getattr(F, writer)(out, x, F.inverse_permutation(perm), box, 2, 3)
+    assert torch.equal(out, reference(x, perm, box))
+
+
+@pytest.mark.parametrize("perm_kind", ["random", "identity", "reversed", "one_cycle", "pairs"])
+@pytest.mark.parametrize("shape", [SMALL, LARGE], ids=["gather", "cycle_walk"])
+def test_in_place_every_permutation_shape(shape, perm_kind):
+    """Fixed points, 2-cycles and one long cycle: the cycle walk must restore every partner."""
+    B = shape[0]
+    perm = {"random": rand_perm(B), "identity": torch.arange(B), "reversed": torch.arange(B).flip(0),
+            "one_cycle": torch.roll(torch.arange(B), 1),
+            "pairs": torch.tensor([i ^ 1 if (i ^ 1) < B else i for i in range(B)])}[perm_kind]
+    box = (1, shape[2] - 1, 2, shape[3] - 1)
+    x = make(shape)
+    want = reference(x, perm, box)
+    F.paste_box_(x, perm, box)
+    assert torch.equal(x, want)
+
+
+def test_in_place_takes_cycle_walk_only_for_large_boxes(monkeypatch):
+    """The size switch is real: the cycle walk runs for the large shape and not for the small one."""
+    calls = []
+    real = F._permute_cycles_
+    monkeypatch.setattr(F, "_permute_cycles_", lambda region, perm: (calls.append(region.shape), real(region, perm)))
+    for shape in (SMALL, LARGE):
+        x = make(shape)
+        perm = rand_perm(shape[0])
+        box = (0, shape[2], 0, shape[3])
+        want = reference(x, perm, box)
+        F.paste_box_(x, perm, box)
+        assert torch.equal(x, want)
+    assert calls == [torch.Size(LARGE)]
+
+
+@pytest.mark.parametrize("shape", [(3, 158, 158), (64, 38, 38), (1, 300, 300), (4, 10, 10), (2, 3, 40000),
+                                   (158, 158, 3)])
+def test_serial_blocks_tile_the_sample_once_and_stay_below_the_grain(shape):
+    cover = torch.zeros(shape, dtype=torch.int32)
+    blocks = F._serial_blocks(shape)
+    for c in blocks:
+        assert cover[c].numel() < F._CPU_GRAIN
+        cover[c] += 1
+    assert bool((cover == 1).all())
+    assert len(blocks) == 1 or math.prod(shape) >= F._CPU_GRAIN
+
+
+def test_random_draws_all_kernels_agree():
+    """Many random boxes (from the sampler's own rule) and permutations, all paths."""
+    g = torch.Generator().manual_seed(123)
+    for trial in range(40):
+        B = int(torch.randint(2, 9, (1,), generator=g))
+        H, W = (int(v) for v in torch.randint(1, 40, (2,), generator=g))
+        x = make((B, 4, H, W), seed=trial)
+        perm = torch.randperm(B, generator=g)
+        u = torch.rand(3, generator=g, dtype=torch.float64).tolist()
+        box = featmix.box_on_grid(u[0], (u[1], u[2]), H, W)
+        want = reference(x, perm, box)
+        assert torch.equal(F.paste_box(x, perm, box), want), (trial, box)
+        assert torch.equal(F.paste_box_masked(x, perm, torch.tensor(box)), want), (trial, box)
+        y = x.clone()
+        assert torch.equal(F.paste_box_(y, perm, box), want), (trial, box)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("shape,box", list(cases()))
+def test_paste_box_with_grad_matches_autograd_through_reference(shape, box, dtype):
+    x = make(shape, dtype)
+    perm = rand_perm(shape[0])
+    g = make(shape, dtype, seed=7)
+
+    a = x.clone().requires_grad_(True)
+    out = F.paste_box(a, perm, box)
+    assert out.requires_grad and out.grad_fn is not None
+    assert torch.equal(out.detach(), reference(x, perm, box))
+    (ga,) = torch.autograd.grad(out, a, g)
+
+    b = x.clone().requires_grad_(True)
+    (gb,) = torch.autograd.grad(reference(b, perm, box), b, g)
+    assert ga.dtype == dtype
+    assert torch.equal(ga, gb)
+
+
+@pytest.mark.parametrize("shape,box", list(cases()))
+def test_paste_box_masked_grad_matches_autograd_through_reference(shape, box):
+    """The compiled path's kernel: same forward bits and same gradient as the reference."""
+    x = make(shape)
+    perm = rand_perm(shape[0])
+    g = make(shape, seed=9)
+    a = x.clone().requires_grad_(True)
+    out = F.paste_box_masked(a, perm, torch.tensor(box))
+    assert torch.equal(out.detach(), reference(x, perm, box))
+    (ga,) = torch.autograd.grad(out, a, g)
+    b = x.clone().requires_grad_(True)
+    (gb,) = torch.autograd.grad(reference(b, perm, box), b, g)
+    assert torch.equal(ga, gb)
+
+
+def test_paste_box_grad_on_other_dims_and_non_contiguous_input():
+    """Token layout (B, H, W, C) on dims (1, 2), as a strided view that skips a prefix token."""
+    tokens = make((4, 1 + 5 * 6, 7)).requires_grad_(True)
+    spatial = tokens[:, 1:].unflatten(1, (5, 6))
+    assert not spatial.is_contiguous()
+    perm, box = rand_perm(4), (1, 4, 2, 6)
+    out = F.paste_box(spatial, perm, box, 1, 2)
+    assert torch.equal(out.detach(), reference_dims(spatial.detach(), perm, box, 1, 2))
+    g = make(out.shape, seed=3)
+    (ga,) = torch.autograd.grad(out, tokens, g)
+    (gb,) = torch.autograd.grad(reference_dims(spatial, perm, box, 1, 2), tokens, g)
+    assert torch.equal(ga, gb)
+    assert torch.equal(ga[:, 0], torch.zeros_like(ga[:, 0]))  # the prefix token gets no gradient
+
+
+@pytest.mark.parametrize("box", [(3, 3, 0, 11), (0, 9, 5, 5), (9, 9, 11, 11)], ids=["no_rows", "no_cols", "corner"])
+def test_empty_box_is_identity(box):
+    x = make(SMALL)
+    perm = rand_perm(SMALL[0])
+    before = x.clone()
+    assert F.paste_box(x, perm, box) is x
+    assert torch.equal(F.paste_box_masked(x, perm, torch.tensor(box)), before)
+    assert F.paste_box_(x, perm, box) is x and torch.equal(x, before)
+
+
+@pytest.mark.parametrize("shape", [SMALL, LARGE], ids=["small", "large"])
+def test_full_box_is_the_partner(shape):
+    x = make(shape)
+    perm = rand_perm(shape[0])
+    box = (0, shape[2], 0, shape[3])
+    assert torch.equal(F.paste_box(x, perm, box), x[perm])
+    y = x.clone()
+    assert torch.equal(F.paste_box_(y, perm, box), x[perm])
+
+
+def test_channels_last_is_preserved_and_equal():
+    x = make((6, 5, 9, 11)).contiguous(memory_format=torch.channels_last)
+    perm, box = rand_perm(6), (2, 7, 3, 8)
+    out = F.paste_box(x, perm, box)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, reference(x, perm, box))
+    y = x.clone()
+    F.paste_box_(y, perm, box)
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, reference(x, perm, box))
+
+
+def test_deterministic_mode_gives_the_same_result():
+    """index_copy_ takes another code path under use_deterministic_algorithms: same bits."""
+    x = make(LARGE)
+    perm, box = rand_perm(LARGE[0]), (3, 60, 4, 50)
+    want = reference(x, perm, box)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out = F.paste_box(x, perm, box)
+        y = x.clone()
+        F.paste_box_(y, perm, box)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert torch.equal(out, want) and torch.equal(y, want)
+
+
+# -- FeatureCutMix and CutMix entry points ------------------------------------------------------------
+
+def armed(draw: MixDraw, **kwargs) -> featmix.FeatureCutMix:
+    site = featmix.FeatureCutMix(**kwargs).train()
+    arm([site], draw, torch.device("cpu"))
+    return site
+
+
+def a_draw(B: int, lam: float = 0.45, center=(0.3, 0.6)) -> MixDraw:
+    return MixDraw(mixed=True, lam=lam, center=center, perm=rand_perm(B), site=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_feature_cutmix_forward_4d(dtype, channels_last):
+    x = make((8, 16, 14, 14), dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    draw = a_draw(8)
+    site = armed(draw)
+    out = site(x)
+    box = draw.box_on_grid(14, 14)
+    assert box[1] > box[0] and box[3] > box[2]
+    assert out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert torch.equal(out, reference(x, draw.perm, box))
+    assert site._result == (14, 14, box)
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 5])
+def test_feature_cutmix_forward_tokens_with_prefix(prefix):
+    B, gh, gw, C = 6, 7, 7, 12
+    x = make((B, prefix + gh * gw, C), torch.bfloat16)
+    draw = a_draw(B)
+    out = armed(draw, num_prefix_tokens=prefix)(x)
+    box = draw.box_on_grid(gh, gw)
+    want_spatial = reference_dims(x[:, prefix:].unflatten(1, (gh, gw)), draw.perm, box, 1, 2).flatten(1, 2)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.equal(out[:, :prefix], x[:, :prefix])
+    assert torch.equal(out[:, prefix:], want_spatial)
+    assert not torch.equal(out, x)
+
+
+def test_feature_cutmix_backward_matches_reference():
+    x = make((6, 8, 10, 10))
+    draw = a_draw(6)
+    box = draw.box_on_grid(10, 10)
+    g = make(x.shape, seed=5)
+    a = x.clone().requires_grad_(True)
+    (ga,) = torch.autograd.grad(armed(draw)(a), a, g)
+    b = x.clone().requires_grad_(True)
+    (gb,) = torch.autograd.grad(reference(b, draw.perm, box), b, g)
+    assert torch.equal(ga, gb)
+
+
+def test_feature_cutmix_empty_box_is_identity():
+    x = make((4, 3, 5, 5))
+    out = armed(a_draw(4, lam=1.0))(x)  # lam = 1: zero-sized box
+    assert torch.equal(out, x)
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 32, 32), (4, 8, 160, 160)], ids=["gather", "cycle_walk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cutmix_in_place_equals_out_of_place_and_reference(shape, dtype):
+    images = make(shape, dtype)
+    labels = torch.arange(shape[0]) % 10
+    seed = 11
+    oop = featmix.CutMix(10, generator=torch.Generator().manual_seed(seed))
+    inp = featmix.CutMix(10, inplace=True, generator=torch.Generator().manual_seed(seed))
+    perm = MixSampler(generator=torch.Generator().manual_seed(seed)).draw(shape[0]).perm
+
+    before = images.clone()
+    out, t_oop = oop(images, labels)
+    assert torch.equal(images, before) and out.data_ptr() != images.data_ptr()
+    box = oop.last_mix.box
+    assert box[1] > box[0] and box[3] > box[2]
+    box_elems = shape[1] * (box[1] - box[0]) * (box[3] - box[2])
+    assert (box_elems >= F._CPU_GRAIN) == (shape[2] == 160)  # the ids name the path really taken
+    assert torch.equal(out, reference(before, perm, box))
+
+    mixed, t_inp = inp(images, labels)
+    assert mixed is images and mixed.dtype == dtype
+    assert inp.last_mix.box == box
+    assert torch.equal(mixed, out)
+    assert torch.equal(t_inp, t_oop)
+
+
+# -- the benchmarks run and write what they promise --------------------------------------------------
+
+def run_module(module: str, out: Path, timeout: float) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", module, "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_bench_mixing_quick_writes_json(tmp_path):
+    data = run_module("experiments.bench_mixing", tmp_path / "mix.json", timeout=120)
+    assert data["benchmark"] == "bench_mixing" and data["quick"] is True
+    assert {"fixed", "environment", "results", "targets"} <= set(data)
+    assert {(tuple(r["shape"]), r["dtype"]) for r in data["results"]} >= {((8, 3, 64, 64), "fp32"),
+                                                                           ((8, 3, 64, 64), "bf16")}
+    names = {c["contender"] for c in data["results"][0]["contenders"]}
+    assert {"clone", "copy_", "featmix.CutMix(inplace)", "paste_box_", "paste_box", "FeatureCutMix",
+            "paste_box fwd+bwd", "timm Mixup", "tv v2.CutMix", "ref inplace", "ref clone+paste"} <= names
+    for c in data["results"][0]["contenders"]:
+        assert 0 < c["min"] <= c["median"] <= c["max"] and c["n"] >= 5
+        assert {"x_clone", "x_copy", "speedup_vs_timm", "speedup_vs_torchvision", "speedup_vs_ref"} <= set(c)
+    assert len(data["targets"]) >= 3 and all("measured" in t and "met" in t for t in data["targets"])
+
+
+def test_bench_step_quick_writes_json(tmp_path):
+    data = run_module("experiments.bench_step", tmp_path / "step.json", timeout=150)
+    assert data["benchmark"] == "bench_step" and data["quick"] is True
+    variants = {v["variant"]: v for v in data["eager"]["variants"]}
+    assert set(variants) == {"plain", "layer=2"}
+    assert variants["plain"]["overhead_pct"] == 0.0
+    assert all(v["median_ms"] > 0 and "paired_overhead_pct" in v for v in variants.values())
+    iso = {c["variant"]: c for c in data["isolated_mixing"]}
+    assert set(iso) == {"layer=2"} and iso["layer=2"]["median_ms"] > 0 and len(iso["layer=2"]["feature_shape"]) == 4
+    graphs = data["compiled"]["graphs"]
+    assert set(graphs) == {"plain", "layer=2"}
+    assert all(g["graphs"] >= 1 for g in graphs.values())  # the counting backend saw the compiled graphs
+    assert {"worst_overhead_pct", "worst_isolated_pct", "no_recompiles_after_settle"} <= set(data["target"])
