@@ -13,7 +13,7 @@ from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from .common import cifar_cfg
+from .common import ClassifierHeadMixin, cifar_cfg
 
 from .pyramidnet import pad_channels
 
@@ -57,7 +57,7 @@ class CifarBasicBlock(nn.Module):
         return self.act2(out + self.downsample(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(ClassifierHeadMixin, nn.Module):
     """ResNet of basic blocks with a 3x3 stride-1 stem and no max-pool, with the timm interface.
 
     ``layers[i]`` blocks of width ``widths[i]`` per stage; every stage after the first halves the
@@ -108,28 +108,12 @@ class CifarResNet(nn.Module):
             elif isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        pool = global_pool if global_pool is not None else self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool)
-        if isinstance(self.fc, nn.Linear):
-            nn.init.zeros_(self.fc.bias)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
         for i in range(1, self.num_stages + 1):
             x = getattr(self, f"layer{i}")(x)
         return x
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 default_cfgs = generate_default_cfgs({

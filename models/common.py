@@ -1,7 +1,11 @@
-"""What the CIFAR models share: timm's pretrained-config dict for 32x32 inputs."""
+"""What the CIFAR models share: timm's pretrained-config dict for 32x32 inputs and the classifier head API."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
+
+import torch
+from timm.layers import create_classifier
+from torch import nn
 
 
 def cifar_cfg(**kwargs: Any) -> Dict[str, Any]:
@@ -12,3 +16,24 @@ def cifar_cfg(**kwargs: Any) -> Dict[str, Any]:
         first_conv="conv1", classifier="fc",
     )
     return {**cfg, **kwargs}
+
+
+class ClassifierHeadMixin:
+    """timm's head interface shared by the CIFAR models: ``global_pool`` + ``fc`` over ``num_features``."""
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        pool = global_pool if global_pool is not None else self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool)
+        if isinstance(self.fc, nn.Linear):
+            nn.init.zeros_(self.fc.bias)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

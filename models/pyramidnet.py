@@ -16,7 +16,7 @@ from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from .common import cifar_cfg
+from .common import ClassifierHeadMixin, cifar_cfg
 
 __all__ = ["PyramidNet", "PyramidBasicBlock", "PyramidBottleneck", "pad_channels"]
 
@@ -101,7 +101,7 @@ class PyramidBottleneck(_PyramidBlock):
         return self.bn4(out)
 
 
-class PyramidNet(nn.Module):
+class PyramidNet(ClassifierHeadMixin, nn.Module):
     """PyramidNet classifier with the timm interface (``feature_info``, ``forward_features``, ...).
 
     Children are registered in forward order so timm's ``features_only`` wrapper can run them in turn.
@@ -162,27 +162,11 @@ class PyramidNet(nn.Module):
             elif isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        pool = global_pool if global_pool is not None else self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool)
-        if isinstance(self.fc, nn.Linear):
-            nn.init.zeros_(self.fc.bias)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn1(self.conv1(x))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.act_final(self.bn_final(x))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 default_cfgs = generate_default_cfgs({
