@@ -14,7 +14,6 @@ memory can cost several times the copy, depending on size and the machine's stat
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -48,12 +47,16 @@ REF_OF_KIND = {"in place": "ref inplace", "out of place": "ref clone+paste", "fw
 
 
 class FixedBoxSampler(MixSampler):
-    """featmix's own draw (same cost, same permutation stream), then lam and centre pinned so the box is
-    the one every other contender pastes."""
+    """featmix's own draw (same random values consumed, same permutation stream, same cost), with lam
+    and the centre pinned so the box is the one every other contender pastes."""
 
-    def draw(self, batch_size: int, num_sites: int = 1) -> MixDraw:
-        d = super().draw(batch_size, num_sites)
-        return dataclasses.replace(d, mixed=batch_size > 1, lam=LAM, center=CENTER)
+    def _beta(self, g: Optional[torch.Generator]) -> float:
+        super()._beta(g)
+        return LAM
+
+    def _center(self, uy: float, ux: float, g: Optional[torch.Generator]) -> Tuple[float, float]:
+        super()._center(uy, ux, g)
+        return CENTER
 
 
 def fixed_box(h: int, w: int) -> Tuple[int, int, int, int]:

@@ -16,8 +16,7 @@ All three give bitwise-equal results for the same box and permutation.
 """
 from __future__ import annotations
 
-import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -37,20 +36,25 @@ def _norm_dims(x: Tensor, hdim: int, wdim: int) -> Tuple[int, int]:
 
 # at::internal::GRAIN_SIZE. ATen's CPU index_select on a strided view copies slice by slice once a
 # slice has this many elements (below it, one parallel gather over the batch); paste_box_ switches
-# to its own slice-by-slice cycle walk at the same size.
+# to its own sample-by-sample cycle walk at the same size (measured: below it the gather is faster).
 _CPU_GRAIN = 32768
 
 
-def _write_mixed(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
-    """Write the mixed ``x`` into the (uninitialised) ``out``, choosing the faster of two layouts.
+def _write_mixed(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int,
+                 perm: Optional[Tensor] = None) -> None:
+    """Write the mixed ``x`` into the (uninitialised) ``out``, choosing the fastest layout.
 
-    CPU: ``_write_copy_then_box`` unless the box spans whole rows (then there are no side bands and
-    ``_write_once`` writes every element once in long runs). GPU: ``_write_once`` (memory traffic is
-    what counts there; short rows cost little).
+    GPU, or a box spanning whole rows (no side bands): ``_write_once``, every element written once in
+    long runs (memory traffic is what counts there). CPU otherwise: one contiguous copy, then the box
+    rewritten; large per-sample boxes by walking the permutation's cycles inside ``out``
+    (``_write_copy_then_walk``), small ones by one gather (``_write_copy_then_box``).
     """
     y1, y2, x1, x2 = box
     if x.device.type == "cpu" and (x1 > 0 or x2 < x.shape[wdim]):
-        _write_copy_then_box(out, x, inv_perm, box, hdim, wdim)
+        if (x.numel() // max(x.shape[0], 1)) * (y2 - y1) * (x2 - x1) >= _CPU_GRAIN * x.shape[hdim] * x.shape[wdim]:
+            _write_copy_then_walk(out, x, inv_perm, box, hdim, wdim, perm)
+        else:
+            _write_copy_then_box(out, x, inv_perm, box, hdim, wdim)
     else:
         _write_once(out, x, inv_perm, box, hdim, wdim)
 
@@ -80,6 +84,21 @@ def _write_copy_then_box(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdi
     _write_box(out, x, inv_perm, box, hdim, wdim)
 
 
+def _write_copy_then_walk(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int,
+                          perm: Optional[Tensor] = None) -> None:
+    """One full ``copy_`` of ``x``, then the box permuted in place inside ``out`` (cycle walk).
+
+    The box is short strided rows; ATen's gather over them costs more than the full contiguous copy
+    on CPU, while the cycle walk reads each box row once and writes it while still in cache
+    (measured, (128,64,56,56) fp32 on 2 idle cores: 1.19x a clone against 1.29x with the gather).
+    """
+    if perm is None:
+        perm = inverse_permutation(inv_perm)
+    out.copy_(x)
+    y1, y2, x1, x2 = box
+    _permute_cycles_(out[_index(x.dim(), hdim, wdim, slice(y1, y2), slice(x1, x2))], perm.tolist())
+
+
 def _write_box(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
     # Inside the box: the partner's pixels. out[i] = x[perm[i]]  <=>  out[inv[j]] = x[j], which
     # index_copy_ does in one kernel between two strided views, with no temporary.
@@ -88,62 +107,33 @@ def _write_box(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wd
     out[inside].index_copy_(0, inv_perm, x[inside])
 
 
-def _serial_blocks(shape: Sequence[int]) -> List[tuple]:
-    """Index tuples cutting a tensor of ``shape`` into blocks of fewer than ``_CPU_GRAIN`` elements.
-
-    ATen copies such a block on the calling thread. Many small parallel copies are what a busy CPU
-    punishes: each parallel region waits until every worker thread gets a core (measured on 2 shared
-    cores: a per-sample walk with parallel copies took 10-30x longer than with serial blocks).
-    """
-    blocks: List[tuple] = [()]
-    for d, size in enumerate(shape):
-        inner = math.prod(shape[d + 1:])
-        if inner * size < _CPU_GRAIN:
-            break
-        step = max(1, (_CPU_GRAIN - 1) // inner)
-        blocks = [b + (slice(a, min(a + step, size)),) for b in blocks for a in range(0, size, step)]
-        if inner < _CPU_GRAIN:
-            break
-    return blocks
-
-
 def _permute_cycles_(region: Tensor, perm: Sequence[int]) -> None:
-    """In place ``region[i] = region[perm[i]]`` by walking the permutation's cycles.
+    """In place ``region[i] = region[perm[i]]`` by walking the permutation's cycles, one sample at a time.
 
-    Each sample's box is read once and written once and only one sample's box is buffered, where a
-    gather-then-copy reads and writes the box twice through a batch-sized temporary (and timm's
-    Mixup copies the whole batch). Copies go in serial blocks (``_serial_blocks``).
+    Each sample's box is read once from memory and written once, and the write lands on lines the
+    previous step just read (still in cache); only one sample's box is buffered per cycle. A
+    gather-then-copy instead reads and writes the box twice through a batch-sized temporary, and
+    timm's Mixup copies the whole batch. Each per-sample copy is one ATen copy (parallel above the
+    grain size). Measured on 2 idle cores, (64,3,224,224) fp32 box of half the image: 2.8 ms, against
+    3.2 ms for a plain strided copy of the box and 5.6 ms for gather-then-copy.
     """
-    cut = _serial_blocks(region.shape[1:])
-    views: Dict[int, List[Tensor]] = {}
-
-    def blocks(i: int) -> List[Tensor]:
-        if i not in views:
-            sample = region[i]
-            views[i] = [sample[c] for c in cut]
-        return views[i]
-
-    def copy_blocks(dst: List[Tensor], src: List[Tensor]) -> None:
-        for d, s in zip(dst, src):
-            d.copy_(s)
-
+    views = region.unbind(0)
     done = bytearray(len(perm))
-    tmp: Optional[List[Tensor]] = None
+    tmp: Optional[Tensor] = None
     for start in range(len(perm)):
         if done[start] or perm[start] == start:
             continue
         if tmp is None:
-            buf = torch.empty(region.shape[1:], dtype=region.dtype, device=region.device)
-            tmp = [buf[c] for c in cut]
-        copy_blocks(tmp, blocks(start))
+            tmp = torch.empty_like(views[0])
+        tmp.copy_(views[start])
         i = start
         while True:
             done[i] = 1
             j = perm[i]
             if j == start:
-                copy_blocks(blocks(i), tmp)
+                views[i].copy_(tmp)
                 break
-            copy_blocks(blocks(i), blocks(j))
+            views[i].copy_(views[j])
             i = j
 
 
@@ -152,9 +142,9 @@ def _empty_box(box: Box) -> bool:
     return y2 <= y1 or x2 <= x1
 
 
-def _mix(x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> Tensor:
+def _mix(x: Tensor, perm: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> Tensor:
     out = torch.empty_like(x)
-    _write_mixed(out, x, inv_perm, box, hdim, wdim)
+    _write_mixed(out, x, inv_perm, box, hdim, wdim, perm)
     return out
 
 
@@ -170,15 +160,15 @@ class _PasteBox(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, perm: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> Tensor:
-        ctx.save_for_backward(perm)
+        ctx.save_for_backward(perm, inv_perm)
         ctx.box, ctx.hdim, ctx.wdim = box, hdim, wdim
-        return _mix(x, inv_perm, box, hdim, wdim)
+        return _mix(x, perm, inv_perm, box, hdim, wdim)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (perm,) = ctx.saved_tensors
+        perm, inv_perm = ctx.saved_tensors
         # The gradient is mixed with the inverse permutation, whose inverse is perm itself.
-        return _mix(grad, perm, ctx.box, ctx.hdim, ctx.wdim), None, None, None, None, None
+        return _mix(grad, inv_perm, perm, ctx.box, ctx.hdim, ctx.wdim), None, None, None, None, None
 
 
 def paste_box(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1,
@@ -198,7 +188,7 @@ def paste_box(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1,
     inv_perm = inv_perm.to(x.device, non_blocking=True)
     if torch.is_grad_enabled() and x.requires_grad:
         return _PasteBox.apply(x, perm, inv_perm, tuple(box), hdim, wdim)
-    return _mix(x, inv_perm, box, hdim, wdim)
+    return _mix(x, perm, inv_perm, box, hdim, wdim)
 
 
 def paste_box_(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1) -> Tensor:
@@ -214,8 +204,8 @@ def paste_box_(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1
     inside = _index(x.dim(), hdim, wdim, slice(y1, y2), slice(x1, x2))
     region = x[inside]
     if x.device.type == "cpu" and region.numel() >= _CPU_GRAIN * max(x.shape[0], 1):
-        # Large boxes: cycle walk (ATen's index_select on a strided view would also copy slice by
-        # slice, each copy a parallel region, into a temporary, and then copy everything back).
+        # Large boxes: cycle walk (ATen's index_select on a strided view would also copy sample by
+        # sample, into a temporary, and then everything is copied back).
         _permute_cycles_(region, perm.tolist())
     else:
         # Small boxes (one parallel gather over the batch) and GPUs (one kernel): gather, copy back.

@@ -111,7 +111,7 @@ class MixSampler:
                  total_steps: Optional[int] = None, center_std: float = 0.25,
                  generator: Optional[torch.Generator] = None) -> None:
         check_mix_args(alpha, prob, variant, total_steps, center_std, 0.0, generator)
-        self.alpha = float(alpha)
+        self.alpha = alpha
         self.prob = float(prob)
         self.variant = variant
         self.total_steps = total_steps
@@ -119,13 +119,22 @@ class MixSampler:
         self.generator = generator
         self.step = 0  # batches drawn so far: drives variant="scheduled"
 
+    @property
+    def alpha(self) -> float:
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        check_mix_args(value, 1.0, "cutmix", None, 1.0, 0.0, None)
+        self._alpha = float(value)
+        self._conc = torch.full((2,), self._alpha, dtype=torch.float64)  # Beta(a, a) as Dirichlet(a, a)
+
     def current_prob(self) -> float:
         """The gate probability for the next batch (ramps linearly for variant='scheduled')."""
         if self.variant == "scheduled":
             return self.prob * min(1.0, self.step / float(self.total_steps))
         return self.prob
 
-    @torch.no_grad()
     def draw(self, batch_size: int, num_sites: int = 1) -> MixDraw:
         """Draw gate, lam, centre, permutation and site for one batch of ``batch_size`` samples."""
         g = self.generator
@@ -134,22 +143,25 @@ class MixSampler:
         u = torch.rand(4, generator=g, dtype=torch.float64).tolist()  # gate, centre y, centre x, site
         lam = self._beta(g)
         perm = torch.randperm(batch_size, generator=g)
-        if self.variant == "center_gaussian":
-            z = torch.randn(2, generator=g, dtype=torch.float64).tolist()
-            center = tuple(min(max(0.5 + self.center_std * zi, 0.0), math.nextafter(1.0, 0.0)) for zi in z)
-        else:
-            center = (u[1], u[2])
+        center = self._center(u[1], u[2], g)
         if self.variant == "fixed_size":
             lam = 0.75
         site = min(int(u[3] * num_sites), num_sites - 1)
         mixed = bool(u[0] < p) and batch_size > 1
         return MixDraw(mixed=mixed, lam=lam, center=center, perm=perm, site=site, variant=self.variant)
 
+    def _center(self, uy: float, ux: float, g: Optional[torch.Generator]) -> Tuple[float, float]:
+        """Box centre as fractions of (height, width): uniform, or Gaussian around the middle."""
+        if self.variant == "center_gaussian":
+            z = torch.randn(2, generator=g, dtype=torch.float64).tolist()
+            cy, cx = (min(max(0.5 + self.center_std * zi, 0.0), math.nextafter(1.0, 0.0)) for zi in z)
+            return cy, cx
+        return uy, ux
+
     def _beta(self, g: Optional[torch.Generator]) -> float:
         # Beta(a, a) as the first coordinate of Dirichlet(a, a): torch.distributions.Beta takes no
         # generator, the Dirichlet kernel does (and handles small alpha without 0/0).
-        conc = torch.full((2,), self.alpha, dtype=torch.float64)
-        return float(torch._sample_dirichlet(conc, generator=g)[0])
+        return torch._sample_dirichlet(self._conc, generator=g).tolist()[0]
 
     def state_dict(self) -> dict:
         return {"step": self.step}

@@ -39,7 +39,8 @@ def check_labels(labels: object, num_classes: int, batch_size: Optional[int], na
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"{name} of shape (B,) must hold integer class indices (int64); got {labels.dtype}")
         if labels.device.type == "cpu" and labels.numel() > 0:
-            lo, hi = int(labels.min()), int(labels.max())
+            lo_t, hi_t = labels.aminmax()
+            lo, hi = int(lo_t), int(hi_t)
             if lo < 0 or hi >= num_classes:
                 raise ValueError(f"{name} must be class indices in [0, {num_classes}) (num_classes="
                                  f"{num_classes}); got values in [{lo}, {hi}]")

@@ -10,7 +10,6 @@ and full boxes, the layer and transform entry points, and a smoke run of both be
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -103,7 +102,7 @@ def test_out_of_place_and_in_place_match_reference(shape, box, dtype):
 
 
 @pytest.mark.parametrize("shape,box", list(cases()))
-@pytest.mark.parametrize("writer", ["_write_once", "_write_copy_then_box", "_write_mixed"])
+@pytest.mark.parametrize("writer", ["_write_once", "_write_copy_then_box", "_write_copy_then_walk", "_write_mixed"])
 def test_every_out_of_place_strategy_matches_reference(shape, box, writer):
     """Both strategies are tested on CPU whichever the dispatcher would pick here (the GPU one too)."""
     x = make(shape)
@@ -143,16 +142,20 @@ def test_in_place_takes_cycle_walk_only_for_large_boxes(monkeypatch):
     assert calls == [torch.Size(LARGE)]
 
 
-@pytest.mark.parametrize("shape", [(3, 158, 158), (64, 38, 38), (1, 300, 300), (4, 10, 10), (2, 3, 40000),
-                                   (158, 158, 3)])
-def test_serial_blocks_tile_the_sample_once_and_stay_below_the_grain(shape):
-    cover = torch.zeros(shape, dtype=torch.int32)
-    blocks = F._serial_blocks(shape)
-    for c in blocks:
-        assert cover[c].numel() < F._CPU_GRAIN
-        cover[c] += 1
-    assert bool((cover == 1).all())
-    assert len(blocks) == 1 or math.prod(shape) >= F._CPU_GRAIN
+def test_out_of_place_takes_cycle_walk_only_for_large_boxes_on_cpu(monkeypatch):
+    """paste_box on CPU: the large interior box goes through the in-output cycle walk (forward and
+    backward), the small one through the gather, and both still equal the reference."""
+    calls = []
+    real = F._write_copy_then_walk
+    monkeypatch.setattr(F, "_write_copy_then_walk",
+                        lambda out, x, *a: (calls.append(tuple(x.shape)), real(out, x, *a)))
+    for shape, box in ((SMALL, BOXES["interior"]), (LARGE, LARGE_BOXES["interior"])):
+        x = make(shape).requires_grad_(True)
+        perm = rand_perm(shape[0])
+        out = F.paste_box(x, perm, box)
+        assert torch.equal(out, reference(x.detach(), perm, box))
+        out.backward(torch.ones_like(out))
+    assert calls == [LARGE, LARGE]  # forward, then backward
 
 
 def test_random_draws_all_kernels_agree():
