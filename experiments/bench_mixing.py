@@ -50,8 +50,8 @@ class FixedBoxSampler(MixSampler):
     """featmix's own draw (same random values consumed, same permutation stream, same cost), with lam
     and the centre pinned so the box is the one every other contender pastes."""
 
-    def _beta(self, g: Optional[torch.Generator]) -> float:
-        super()._beta(g)
+    def _beta(self, g: Optional[torch.Generator], u: float) -> float:
+        super()._beta(g, u)
         return LAM
 
     def _center(self, uy: float, ux: float, g: Optional[torch.Generator]) -> Tuple[float, float]:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from . import functional as F
 from .layer import MixRecord
 from .sampling import MixSampler, check_mix_args
-from .validation import check_images, check_labels, check_num_classes
+from .validation import check_images, check_label_range, check_labels, check_num_classes
 
 
 class CutMix(nn.Module):
@@ -41,9 +41,13 @@ class CutMix(nn.Module):
 
     def forward(self, images: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
         check_images(images)
-        check_labels(labels, self.num_classes, images.shape[0])
+        check_labels(labels, self.num_classes, images.shape[0], check_range=False)
+        try:  # the scatter finds an index out of range; the check then words the error
+            targets = F.one_hot_targets(labels.to(images.device), self.num_classes, self.label_smoothing)
+        except RuntimeError:
+            check_label_range(labels, self.num_classes)
+            raise
         draw = self.sampler.draw(images.shape[0])
-        targets = F.one_hot_targets(labels.to(images.device), self.num_classes, self.label_smoothing)
         if not draw.mixed:
             self._set_last_mix(None)
             return images, targets

@@ -30,20 +30,21 @@ def check_images(images: object, name: str = "images") -> Tensor:
     return images
 
 
-def check_labels(labels: object, num_classes: int, batch_size: Optional[int], name: str = "labels") -> Tensor:
-    """Class indices (B,) of an integer dtype in [0, num_classes), or soft targets (B, num_classes)."""
+def check_labels(labels: object, num_classes: int, batch_size: Optional[int], name: str = "labels",
+                 check_range: bool = True) -> Tensor:
+    """Class indices (B,) of an integer dtype in [0, num_classes), or soft targets (B, num_classes).
+
+    ``check_range=False`` leaves the index range to the caller (``CutMix`` lets its one-hot scatter
+    find a bad index and then calls ``check_label_range`` for the message: one op fewer per batch).
+    """
     if not isinstance(labels, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor: class indices (B,) or targets (B, num_classes); got "
                         f"{type(labels).__name__}")
     if labels.dim() == 1:
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"{name} of shape (B,) must hold integer class indices (int64); got {labels.dtype}")
-        if labels.device.type == "cpu" and labels.numel() > 0:
-            lo_t, hi_t = labels.aminmax()
-            lo, hi = int(lo_t), int(hi_t)
-            if lo < 0 or hi >= num_classes:
-                raise ValueError(f"{name} must be class indices in [0, {num_classes}) (num_classes="
-                                 f"{num_classes}); got values in [{lo}, {hi}]")
+        if check_range:
+            check_label_range(labels, num_classes, name)
     elif labels.dim() == 2:
         if not labels.is_floating_point():
             raise TypeError(f"{name} of shape (B, num_classes) must be a floating-point tensor of soft or "
@@ -58,3 +59,13 @@ def check_labels(labels: object, num_classes: int, batch_size: Optional[int], na
         raise ValueError(f"{name} must have one entry per image: batch size {batch_size}, got "
                          f"{labels.shape[0]} labels")
     return labels
+
+
+def check_label_range(labels: Tensor, num_classes: int, name: str = "labels") -> None:
+    """Class indices in [0, num_classes): checked on host tensors only (no device sync)."""
+    if labels.device.type == "cpu" and labels.dim() == 1 and labels.numel() > 0:
+        lo_t, hi_t = labels.aminmax()
+        lo, hi = int(lo_t), int(hi_t)
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{name} must be class indices in [0, {num_classes}) (num_classes="
+                             f"{num_classes}); got values in [{lo}, {hi}]")

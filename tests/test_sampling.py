@@ -66,7 +66,7 @@ def test_corrected_lam_distribution_matches_reference_simulation():
 
 def test_lam_is_beta_alpha_alpha():
     n = 4000
-    for alpha in (0.25, 4.0):
+    for alpha in (0.25, 1.0, 4.0):  # 1.0 takes the uniform path, the others the Dirichlet kernel
         s = MixSampler(alpha=alpha, generator=gen(3))
         lams = np.array([s.draw(2).lam for _ in range(n)])
         mean, var = 0.5, 1.0 / (4 * (2 * alpha + 1))  # Beta(a, a)
@@ -74,6 +74,18 @@ def test_lam_is_beta_alpha_alpha():
         assert abs(lams.var() - var) < 0.1 * var + 4 * math.sqrt(2 * var ** 2 / n)
         ref = np.random.default_rng(4).beta(alpha, alpha, n)
         assert ks_statistic(lams, ref) < 1.95 * math.sqrt(2.0 / n)
+
+
+def test_lam_is_uncorrelated_with_centre_and_gate():
+    """lam, the centre and the gate come from one draw of uniforms: they must still be independent."""
+    n = 4000
+    for alpha in (1.0, 0.5):
+        s = MixSampler(alpha=alpha, prob=0.5, generator=gen(11))
+        draws = [s.draw(2) for _ in range(n)]
+        lam = np.array([d.lam for d in draws])
+        for other in (np.array([d.center[0] for d in draws]), np.array([d.center[1] for d in draws]),
+                      np.array([float(d.mixed) for d in draws])):
+            assert abs(np.corrcoef(lam, other)[0, 1]) < 4 / math.sqrt(n)  # 4 SE of a null correlation
 
 
 def test_centre_is_uniform_over_integer_cells():
@@ -116,7 +128,7 @@ def test_same_seed_same_draws_and_streams_aligned_across_prob():
 
 
 def test_site_choice_uniform():
-    n, k = 3000, 4
+    n, k = 12000, 4
     s = MixSampler(generator=gen(9))
     counts = np.bincount([s.draw(4, num_sites=k).site for _ in range(n)], minlength=k)
     chi2 = ((counts - n / k) ** 2 / (n / k)).sum()
