@@ -27,8 +27,8 @@ from .engine import DistInfo, RunConfig, Setting, train_run
 
 # fast: the CPU regime where CutMix has something to regularise (on data the network cannot overfit,
 # short schedules are only hurt by it): a fixed 1,000-image class-balanced Fashion-MNIST subset trained
-# for 40 epochs and evaluated once at the end: ~60 s a run at ~740 images/s, so the default depth ablation's
-# 12 runs fit in 15 minutes on 2 idle cores (60 epochs took ~100 s a run). paper-cifar: the paper's run.
+# for 40 epochs and evaluated once at the end: ~55 s a run at ~780 images/s, so the default depth ablation's
+# 12 runs take ~11 minutes on 2 idle cores (measured 11m13s; 60 epochs would not fit 15). paper-cifar: the paper's run.
 RECIPES: dict[str, dict[str, Any]] = {
     "fast": dict(model="resnet8_cifar", dataset="fashion-mnist", train_subset=1000, test_subset=0, epochs=40,
                  batch_size=128, lr=0.2, wd=5e-4, schedule="onecycle", cutmix_prob=0.5, alpha=1.0,
