@@ -43,7 +43,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -602,48 +602,45 @@ def _curve(ax, x: Sequence[float], ys: list[list[float]], label: str, color: str
         ax.fill_between(x, (m - sd).tolist(), (m + sd).tolist(), alpha=0.15, color=color, lw=0)
 
 
-def plot_occlusion(groups: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    """Accuracy vs hole side, center and boundary occlusion side by side, one line per setting (mean, ±std band)."""
+def _plot_two_panels(groups: dict[str, list[dict[str, Any]]], path: Path, metric: str, xs_key: str,
+                     panels: tuple[tuple[str, str], ...], value: Callable[[dict[str, Any], str], list[float]],
+                     xlabel: str, ylabel: str) -> Path:
+    """One figure, two panels (one per ``(panel key, title)``), one mean ± std line per setting."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120, sharey=True)
     for i, (name, g) in enumerate(groups.items()):
-        g = [r for r in g if "occlusion" in r]
+        g = [r for r in g if metric in r]
         if not g:
             continue
-        for ax, mode in zip(axes, ("center", "boundary")):
-            _curve(ax, g[0]["occlusion"]["sizes"], [r["occlusion"][mode] for r in g], name, f"C{i % 10}")
-    for ax, mode in zip(axes, ("center (hole zeroed)", "boundary (outside zeroed)")):
-        ax.set_title(f"occlusion: {mode}", fontsize=9)
-        ax.set_xlabel("hole side s (pixels)")
+        for ax, (key, _) in zip(axes, panels):
+            _curve(ax, g[0][metric][xs_key], [value(r[metric], key) for r in g], name, f"C{i % 10}")
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("top-1 accuracy (%)")
+    axes[0].set_ylabel(ylabel)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_occlusion(groups: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Accuracy vs hole side, center and boundary occlusion side by side, one line per setting (mean, ±std band)."""
+    return _plot_two_panels(groups, path, "occlusion", "sizes",
+                            (("center", "occlusion: center (hole zeroed)"),
+                             ("boundary", "occlusion: boundary (outside zeroed)")),
+                            lambda m, key: m[key], "hole side s (pixels)", "top-1 accuracy (%)")
 
 
 def plot_inbetween(groups: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """Accuracy on CutMix-ed and Mixup-ed pairs vs lam (label of the larger part), one line per setting."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120, sharey=True)
-    for i, (name, g) in enumerate(groups.items()):
-        g = [r for r in g if "inbetween" in r]
-        if not g:
-            continue
-        for ax, kind in zip(axes, ("cutmix", "mixup")):
-            _curve(ax, g[0]["inbetween"]["lams"], [r["inbetween"][kind]["major"] for r in g], name, f"C{i % 10}")
-    for ax, kind in zip(axes, ("CutMix-ed pairs", "Mixup-ed pairs")):
-        ax.set_title(f"in-between samples: {kind}", fontsize=9)
-        ax.set_xlabel("lam (share of image A)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("top-1 acc vs label of larger part (%)")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _plot_two_panels(groups, path, "inbetween", "lams",
+                            (("cutmix", "in-between samples: CutMix-ed pairs"),
+                             ("mixup", "in-between samples: Mixup-ed pairs")),
+                            lambda m, key: m[key]["major"], "lam (share of image A)",
+                            "top-1 acc vs label of larger part (%)")
 
 
 # ------------------------------------------------------------------------------------------ CLI
