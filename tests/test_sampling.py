@@ -76,6 +76,20 @@ def test_lam_is_beta_alpha_alpha():
         assert ks_statistic(lams, ref) < 1.95 * math.sqrt(2.0 / n)
 
 
+def test_alpha_can_be_changed_after_construction_and_is_validated():
+    """alpha is a validated property: a new value changes the draw (here Beta(0.1, 0.1), mass near 0/1)."""
+    s = MixSampler(alpha=1.0, generator=gen(12))
+    s.alpha = 0.1
+    lams = np.array([s.draw(2).lam for _ in range(2000)])
+    # Beta(0.1, 0.1): P(0.1 < lam < 0.9) = 0.187 (against 0.8 for the uniform); 4 SE of a binomial
+    p, inner = 0.187, np.mean((lams > 0.1) & (lams < 0.9))
+    assert abs(inner - p) < 4 * math.sqrt(p * (1 - p) / 2000)
+    for bad in (0, -1.0, float("nan"), "1"):
+        with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+            s.alpha = bad
+    assert s.alpha == 0.1
+
+
 def test_lam_is_uncorrelated_with_centre_and_gate():
     """lam, the centre and the gate come from one draw of uniforms: they must still be independent."""
     n = 4000
