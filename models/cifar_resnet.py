@@ -13,7 +13,7 @@ from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from .common import ClassifierHeadMixin, cifar_cfg
+from .common import ClassifierHeadMixin, cifar_cfg, init_weights
 
 from .pyramidnet import pad_channels
 
@@ -96,17 +96,7 @@ class CifarResNet(ClassifierHeadMixin, nn.Module):
 
         self.num_features = self.head_hidden_size = in_chs
         self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))

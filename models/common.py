@@ -18,6 +18,19 @@ def cifar_cfg(**kwargs: Any) -> Dict[str, Any]:
     return {**cfg, **kwargs}
 
 
+def init_weights(model: nn.Module) -> None:
+    """The reference codes' init: convs N(0, sqrt(2 / fan_out)) (He, fan-out), BN weight 1 / bias 0,
+    linear bias 0 (the linear weight keeps torch's default)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 class ClassifierHeadMixin:
     """timm's head interface shared by the CIFAR models: ``global_pool`` + ``fc`` over ``num_features``."""
 

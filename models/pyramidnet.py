@@ -7,7 +7,6 @@ identity, 2x2 average pooling on stride-2 blocks, and zero channels appended whe
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List
 
 import torch
@@ -16,7 +15,7 @@ from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from .common import ClassifierHeadMixin, cifar_cfg
+from .common import ClassifierHeadMixin, cifar_cfg, init_weights
 
 __all__ = ["PyramidNet", "PyramidBasicBlock", "PyramidBottleneck", "pad_channels"]
 
@@ -149,18 +148,7 @@ class PyramidNet(ClassifierHeadMixin, nn.Module):
         self.bn_final = nn.BatchNorm2d(in_chs)
         self.act_final = nn.ReLU(inplace=True)
         self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn1(self.conv1(x))
