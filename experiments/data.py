@@ -129,16 +129,23 @@ class TensorData:
     def subset(self, n: int | None, generator: torch.Generator) -> "TensorData":
         """Keep a class-balanced subset of `n` training images (all of them if `n` is None)."""
         if n is not None and n < self.num_train:
-            idx = balanced_subset(self.train_y, n, generator).to(self.train_x.device)
-            self.train_x, self.train_y = self.train_x[idx], self.train_y[idx]
+            self._keep_train(balanced_subset(self.train_y, n, generator))
         return self
 
     def test_subset(self, n: int | None, generator: torch.Generator) -> "TensorData":
         """Keep a fixed class-balanced subset of `n` test images (all of them if `n` is None)."""
         if n is not None and n < self.num_test:
-            idx = balanced_subset(self.test_y, n, generator).to(self.test_x.device)
-            self.test_x, self.test_y = self.test_x[idx], self.test_y[idx]
+            self._keep_test(balanced_subset(self.test_y, n, generator))
         return self
+
+    def _keep_train(self, idx: torch.Tensor) -> None:
+        """Keep the training samples at `idx` (CPU indices); subclasses keep their own per-sample data."""
+        idx = idx.to(self.train_x.device)
+        self.train_x, self.train_y = self.train_x[idx], self.train_y[idx]
+
+    def _keep_test(self, idx: torch.Tensor) -> None:
+        idx = idx.to(self.test_x.device)
+        self.test_x, self.test_y = self.test_x[idx], self.test_y[idx]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [0, 255] -> float normalised with the dataset's mean/std."""

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .data import TensorData, balanced_subset
+from .data import TensorData
 
 NAME = "synthetic-loc"
 TEXTURES = ("hstripes", "vstripes", "checker", "diagonal", "dots", "antidiagonal")
@@ -92,21 +92,13 @@ class LocData(TensorData):
     train_boxes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 4, dtype=torch.long))
     test_boxes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 4, dtype=torch.long))
 
-    def subset(self, n: int | None, generator: torch.Generator) -> "LocData":
-        if n is not None and n < self.num_train:
-            idx = balanced_subset(self.train_y, n, generator)
-            self.train_boxes = self.train_boxes[idx]
-            idx = idx.to(self.train_x.device)
-            self.train_x, self.train_y = self.train_x[idx], self.train_y[idx]
-        return self
+    def _keep_train(self, idx: torch.Tensor) -> None:
+        self.train_boxes = self.train_boxes[idx]
+        super()._keep_train(idx)
 
-    def test_subset(self, n: int | None, generator: torch.Generator) -> "LocData":
-        if n is not None and n < self.num_test:
-            idx = balanced_subset(self.test_y, n, generator)
-            self.test_boxes = self.test_boxes[idx]
-            idx = idx.to(self.test_x.device)
-            self.test_x, self.test_y = self.test_x[idx], self.test_y[idx]
-        return self
+    def _keep_test(self, idx: torch.Tensor) -> None:
+        self.test_boxes = self.test_boxes[idx]
+        super()._keep_test(idx)
 
 
 def load_synthetic_loc(n_train: int = 2000, n_test: int = 500, size: int = 32, num_classes: int = 4,

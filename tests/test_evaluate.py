@@ -234,9 +234,16 @@ def test_synthetic_loc_is_deterministic_and_boxes_hold_the_objects():
         x0, y0, x_1, y_1 = b1[i].tolist()
         dark = (x1[i] <= 20).all(0)
         assert dark[y0:y_1, x0:x_1].any() and dark.sum() == dark[y0:y_1, x0:x_1].sum()
-    d = load_synthetic_loc(n_train=8, n_test=40, num_classes=len(TEXTURES))
+    d = load_synthetic_loc(n_train=40, n_test=40, num_classes=len(TEXTURES))
     d.test_subset(12, torch.Generator().manual_seed(0))
+    d.subset(8, torch.Generator().manual_seed(1))
     assert d.test_boxes.shape == (12, 4) and d.num_test == 12
+    assert d.train_boxes.shape == (8, 4) and d.num_train == 8
+    for xs, bs in ((d.test_x, d.test_boxes), (d.train_x, d.train_boxes)):  # subsets keep images and boxes aligned
+        for x, b in zip(xs, bs):
+            x0, y0, x_1, y_1 = b.tolist()
+            dark = (x <= 20).all(0)
+            assert dark[y0:y_1, x0:x_1].any() and dark.sum() == dark[y0:y_1, x0:x_1].sum()
 
 
 # ---------------------------------------------------------------------------------------------- OOD
