@@ -40,6 +40,14 @@ def _norm_dims(x: Tensor, hdim: int, wdim: int) -> Tuple[int, int]:
 _CPU_GRAIN = 32768
 
 
+def _walk_on_cpu(x: Tensor, box: Box, hdim: int, wdim: int) -> bool:
+    """Whether the box is permuted by the cycle walk: a CPU tensor whose box holds at least
+    ``_CPU_GRAIN`` elements per sample (below that one gather over the batch is faster)."""
+    y1, y2, x1, x2 = box
+    per_sample_box = x.numel() // max(x.shape[0] * x.shape[hdim] * x.shape[wdim], 1) * (y2 - y1) * (x2 - x1)
+    return x.device.type == "cpu" and per_sample_box >= _CPU_GRAIN
+
+
 def _write_mixed(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int,
                  perm: Optional[Tensor] = None) -> None:
     """Write the mixed ``x`` into the (uninitialised) ``out``, choosing the fastest layout.
@@ -51,7 +59,7 @@ def _write_mixed(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, 
     """
     y1, y2, x1, x2 = box
     if x.device.type == "cpu" and (x1 > 0 or x2 < x.shape[wdim]):
-        if (x.numel() // max(x.shape[0], 1)) * (y2 - y1) * (x2 - x1) >= _CPU_GRAIN * x.shape[hdim] * x.shape[wdim]:
+        if _walk_on_cpu(x, box, hdim, wdim):
             _write_copy_then_walk(out, x, inv_perm, box, hdim, wdim, perm)
         else:
             _write_copy_then_box(out, x, inv_perm, box, hdim, wdim)
@@ -204,7 +212,7 @@ def paste_box_(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1
     y1, y2, x1, x2 = box
     inside = _index(x.dim(), hdim, wdim, slice(y1, y2), slice(x1, x2))
     region = x[inside]
-    if x.device.type == "cpu" and region.numel() >= _CPU_GRAIN * max(x.shape[0], 1):
+    if _walk_on_cpu(x, box, hdim, wdim):
         # Large boxes: cycle walk (ATen's index_select on a strided view would also copy sample by
         # sample, into a temporary, and then everything is copied back).
         _permute_cycles_(region, perm.tolist())
