@@ -20,11 +20,15 @@ VARIANTS = ("cutmix", "center_gaussian", "fixed_size", "scheduled", "one_hot", "
 Box = Tuple[int, int, int, int]  # (y1, y2, x1, x2), half-open, on one grid
 
 
+def check_alpha(alpha: object) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite number > 0 (lam ~ Beta(alpha, alpha)), got {alpha!r}")
+
+
 def check_mix_args(alpha: float, prob: float, variant: str, total_steps: Optional[int],
                    center_std: float, label_smoothing: float, generator: Optional[torch.Generator]) -> None:
     """Validate the keyword arguments shared by CutMix, CutMixAt and MixSampler."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a finite number > 0 (lam ~ Beta(alpha, alpha)), got {alpha!r}")
+    check_alpha(alpha)
     if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
         raise ValueError(f"prob must be a number in [0, 1] (the chance a batch is mixed), got {prob!r}")
     if variant not in VARIANTS:
@@ -125,7 +129,7 @@ class MixSampler:
 
     @alpha.setter
     def alpha(self, value: float) -> None:
-        check_mix_args(value, 1.0, "cutmix", None, 1.0, 0.0, None)
+        check_alpha(value)
         self._alpha = float(value)
         self._conc = torch.full((2,), self._alpha, dtype=torch.float64)  # Beta(a, a) as Dirichlet(a, a)
 
