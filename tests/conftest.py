@@ -15,6 +15,14 @@ def constant_images(batch: int, h: int, w: int, channels: int = 3, dtype=torch.f
     return torch.arange(batch, dtype=dtype).view(batch, 1, 1, 1).expand(batch, channels, h, w).contiguous()
 
 
+def reference(x: torch.Tensor, perm: torch.Tensor, box) -> torch.Tensor:
+    """The reference code's paste on (B, C, H, W): clone, then the box from ``x[perm]``."""
+    y1, y2, x1, x2 = box
+    out = x.clone()
+    out[:, :, y1:y2, x1:x2] = x[perm, :, y1:y2, x1:x2]
+    return out
+
+
 def find_rectangle(diff: torch.Tensor):
     """(y1, y2, x1, x2) of the True cells of a 2-D mask if they form one filled rectangle, else None."""
     if not diff.any():

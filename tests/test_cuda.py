@@ -16,20 +16,13 @@ import torch.nn.functional as TF
 import featmix
 import featmix.functional as F
 
-from tests.conftest import TinyNet, gen
+from tests.conftest import TinyNet, gen, reference
 
 DEVICE = os.environ.get("FEATMIX_TEST_DEVICE", "cuda")
 needs_device = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
                                   reason="needs CUDA (FEATMIX_TEST_DEVICE=cpu runs these on the CPU)")
 needs_cuda = pytest.mark.skipif(not (DEVICE.startswith("cuda") and torch.cuda.is_available()),
                                 reason="needs CUDA: the sync debug mode exists only there")
-
-
-def reference(x: torch.Tensor, perm: torch.Tensor, box) -> torch.Tensor:
-    y1, y2, x1, x2 = box
-    out = x.clone()
-    out[:, :, y1:y2, x1:x2] = x[perm, :, y1:y2, x1:x2]
-    return out
 
 
 SHAPES_BOXES = [((6, 3, 9, 11), (2, 7, 3, 8)), ((6, 3, 9, 11), (2, 6, 0, 11)), ((5, 8, 70, 70), (3, 68, 2, 69)),

@@ -23,18 +23,11 @@ import featmix
 import featmix.functional as F
 from featmix.layer import arm
 from featmix.sampling import MixDraw, MixSampler
+from tests.conftest import reference
 
 Box = Tuple[int, int, int, int]
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-
-
-def reference(x: torch.Tensor, perm: torch.Tensor, box: Box) -> torch.Tensor:
-    """The reference code on (B, C, H, W)."""
-    y1, y2, x1, x2 = box
-    out = x.clone()
-    out[:, :, y1:y2, x1:x2] = x[perm, :, y1:y2, x1:x2]
-    return out
 
 
 def reference_dims(x: torch.Tensor, perm: torch.Tensor, box: Box, hdim: int, wdim: int) -> torch.Tensor:
