@@ -14,6 +14,7 @@ memory can cost several times the copy, depending on size and the machine's stat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -22,8 +23,7 @@ import torch
 
 import featmix
 import featmix.functional as FF
-from featmix.layer import arm
-from featmix.sampling import MixDraw, MixSampler, box_on_grid
+from featmix import MixDraw, MixSampler, box_on_grid
 
 from .bench_common import (Case, Stats, environment, fmt_ms, fmt_ratio, interleaved, resolve_device,
                            set_threads, table, write_json)
@@ -50,13 +50,19 @@ class FixedBoxSampler(MixSampler):
     """featmix's own draw (same random values consumed, same permutation stream, same cost), with lam
     and the centre pinned so the box is the one every other contender pastes."""
 
-    def _beta(self, g: Optional[torch.Generator], u: float) -> float:
-        super()._beta(g, u)
-        return LAM
+    def draw(self, batch_size: int, num_sites: int = 1) -> MixDraw:
+        return dataclasses.replace(super().draw(batch_size, num_sites), lam=LAM, center=CENTER)
 
-    def _center(self, uy: float, ux: float, g: Optional[torch.Generator]) -> Tuple[float, float]:
-        super()._center(uy, ux, g)
-        return CENTER
+
+class PinnedSampler(MixSampler):
+    """Hands out one given draw every time (the FeatureCutMix contender pastes the pinned box)."""
+
+    def __init__(self, pinned: MixDraw) -> None:
+        super().__init__()
+        self.pinned = pinned
+
+    def draw(self, batch_size: int, num_sites: int = 1) -> MixDraw:
+        return self.pinned
 
 
 def fixed_box(h: int, w: int) -> Tuple[int, int, int, int]:
@@ -133,9 +139,11 @@ def build_cases(src: torch.Tensor, labels: torch.Tensor, num_classes: int, seed:
         o[:, :, y1:y2, x1:x2] = x[perm, :, y1:y2, x1:x2]
         return o
 
+    pinned = PinnedSampler(draw)
+
     def feature_forward() -> torch.Tensor:
-        arm([site], draw, device)
-        return site(buf)
+        with featmix.mixing([site], labels, num_classes, sampler=pinned):
+            return site(buf)
 
     def grad_of(f) -> Any:
         def run() -> Any:

@@ -152,8 +152,7 @@ def isolated_mixing_cost(args: argparse.Namespace, device: torch.device, x: torc
     shared CPU is larger than this, so it is the firmer estimate of the overhead."""
     import timm
 
-    from featmix.layer import arm, build_targets, disarm
-    from featmix.sampling import MixSampler
+    from featmix import MixSampler
 
     from .bench_common import Case, interleaved
 
@@ -184,13 +183,10 @@ def isolated_mixing_cost(args: argparse.Namespace, device: torch.device, x: torc
 
         def work(feat: torch.Tensor = feat, grad: torch.Tensor = grad, site: featmix.FeatureCutMix = site,
                  sampler: MixSampler = sampler) -> Any:
-            draw = sampler.draw(feat.shape[0])
-            arm([site], draw, device)
-            out = site(feat)
+            with featmix.mixing([site], y, args.num_classes, sampler=sampler) as batch:
+                out = site(feat)
             g = torch.autograd.grad(out, feat, grad) if feat.requires_grad else None
-            targets, _ = build_targets(y, args.num_classes, draw, site)
-            disarm([site])
-            return g, targets
+            return g, batch.targets
 
         cases[f"layer={k}"] = Case(work)
     stats = interleaved(cases, repeats=max(5, args.rounds), warmup=2, device=device)

@@ -5,17 +5,20 @@ Entry points:
 - ``CutMixAt``: wrap a model, ``logits, targets = CutMixAt(model, layer=2)(images, labels)``;
 - ``FeatureCutMix`` + ``mixing``: put the layer in your own network and arm it per batch;
 - ``MixSampler``: the per-batch draw (gate, lam, box centre, permutation) from one generator;
+- ``place`` / ``Placement``: where a draw lands on a grid (box, corrected lam, label weight);
 - ``featmix.functional``: the pure kernels.
 """
 from . import functional
-from .layer import FeatureCutMix, MixedBatch, MixRecord, find_sites, mixing
+from .arming import MixedBatch, MixRecord, mixing
+from .layer import FeatureCutMix, find_sites
+from .placement import Placement, box_on_grid, place
 from .resolve import infer_num_classes, resolve_layers, stage_names
-from .sampling import VARIANTS, MixDraw, MixSampler, box_on_grid
+from .sampling import VARIANTS, MixDraw, MixSampler
 from .transforms import CutMix
 from .wrapper import CutMixAt
 
 __version__ = "0.1.0"
 
 __all__ = ["CutMix", "CutMixAt", "FeatureCutMix", "MixSampler", "MixDraw", "MixRecord", "MixedBatch", "mixing",
-           "find_sites", "box_on_grid", "resolve_layers", "stage_names", "infer_num_classes", "VARIANTS",
-           "functional"]
+           "find_sites", "Placement", "place", "box_on_grid", "resolve_layers", "stage_names", "infer_num_classes",
+           "VARIANTS", "functional"]

@@ -203,15 +203,34 @@ def paste_box(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1,
 def paste_box_(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1) -> Tensor:
     """In place: overwrite the box of every sample of ``x`` with its partner's box. Returns ``x``.
 
-    Only the box region is read and written. Partners overlap, so a plain gather needs a temporary;
-    on CPU a large box instead walks the permutation's cycles, buffering one sample's box.
+    Only the box region is read and written. On a tensor that requires grad (not a leaf) the paste is
+    recorded by autograd (the gradient reaches both partners); a leaf that requires grad, or an
+    expanded tensor (several elements share memory), is a ``ValueError`` whatever the box.
     """
     hdim, wdim = _norm_dims(x, hdim, wdim)
+    _check_writable(x)
     if _empty_box(box):
         return x
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _PasteBoxInPlace.apply(x, perm, inverse_permutation(perm), tuple(box), hdim, wdim)
+    _paste_inplace(x, perm, box, hdim, wdim)
+    return x
+
+
+def _check_writable(x: Tensor) -> None:
+    expanded = [d for d in range(x.dim()) if x.stride(d) == 0 and x.shape[d] > 1]
+    if expanded:
+        raise ValueError(f"images is an expanded tensor (stride 0 on dim {expanded[0]}): several of its elements share "
+                         f"one memory cell, so it cannot be mixed in place; pass images.contiguous(), or use "
+                         f"inplace=False")
+    if x.requires_grad and x.is_leaf and torch.is_grad_enabled():
+        raise ValueError("images is a leaf tensor that requires grad: autograd forbids changing it in place; use "
+                         "inplace=False (the gradient then reaches both partners), or pass images.detach()")
+
+
+def _paste_inplace(x: Tensor, perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
     y1, y2, x1, x2 = box
-    inside = _index(x.dim(), hdim, wdim, slice(y1, y2), slice(x1, x2))
-    region = x[inside]
+    region = x[_index(x.dim(), hdim, wdim, slice(y1, y2), slice(x1, x2))]
     if _walk_on_cpu(x, box, hdim, wdim):
         # Large boxes: cycle walk (ATen's index_select on a strided view would also copy sample by
         # sample, into a temporary, and then everything is copied back).
@@ -219,29 +238,20 @@ def paste_box_(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1
     else:
         # Small boxes (one parallel gather over the batch) and GPUs (one kernel): gather, copy back.
         region.copy_(region.index_select(0, perm.to(x.device, non_blocking=True)))
-    return x
 
 
-def box_tensor(params: Tensor, h: int, w: int, fixed_size: bool = False) -> Tensor:
-    """The reference box rule on tensors: ``params`` = float64 [lam, centre_y, centre_x] -> int64 (4,).
+class _PasteBoxInPlace(torch.autograd.Function):
+    """In-place paste recorded by autograd; its backward is the out-of-place paste with the inverse perm."""
 
-    Same arithmetic as ``featmix.sampling.box_on_grid`` (float64, truncation), so the compiled path
-    pastes exactly the box the eager path pastes.
-    """
-    lam, uy, ux = params[0], params[1], params[2]
-    if fixed_size:
-        ch, cw = h // 2, w // 2
-        y1 = torch.clamp(torch.floor(uy * (h - ch + 1)), max=h - ch)
-        x1 = torch.clamp(torch.floor(ux * (w - cw + 1)), max=w - cw)
-        return torch.stack([y1, y1 + ch, x1, x1 + cw]).long()
-    rat = torch.sqrt(1.0 - lam)
-    cut_h, cut_w = torch.floor(h * rat), torch.floor(w * rat)
-    cy = torch.clamp(torch.floor(uy * h), max=h - 1)
-    cx = torch.clamp(torch.floor(ux * w), max=w - 1)
-    hh, hw = torch.floor(cut_h / 2), torch.floor(cut_w / 2)
-    y1, y2 = torch.clamp(cy - hh, min=0), torch.clamp(cy + hh, max=h)
-    x1, x2 = torch.clamp(cx - hw, min=0), torch.clamp(cx + hw, max=w)
-    return torch.stack([y1, y2, x1, x2]).long()
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> Tensor:
+        _paste_inplace(x, perm, box, hdim, wdim)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(perm, inv_perm)
+        ctx.box, ctx.hdim, ctx.wdim = box, hdim, wdim
+        return x
+
+    backward = staticmethod(_PasteBox.backward)
 
 
 def paste_box_masked(x: Tensor, perm: Tensor, box: Tensor, hdim: int = -2, wdim: int = -1) -> Tensor:
@@ -268,11 +278,6 @@ def paste_box_masked(x: Tensor, perm: Tensor, box: Tensor, hdim: int = -2, wdim:
     return torch.where(mask, x[perm.to(x.device)], x)
 
 
-def box_area_fraction(box: Tensor, h: int, w: int) -> Tensor:
-    """Fraction of an h x w grid covered by a tensor box (for the corrected lam on the compiled path)."""
-    return ((box[1] - box[0]) * (box[3] - box[2])).to(torch.float64) / float(h * w)
-
-
 def one_hot_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0,
                     dtype: torch.dtype = torch.float32) -> Tensor:
     """Class indices (B,) or soft targets (B, K) -> float (B, K) with label smoothing applied.
@@ -297,6 +302,5 @@ def mix_targets(targets: Tensor, perm: Tensor, weight) -> Tensor:
     return partner.lerp(targets, weight) if isinstance(weight, Tensor) else partner.lerp(targets, float(weight))
 
 
-__all__ = ["inverse_permutation", "paste_box", "paste_box_", "paste_box_masked", "box_tensor", "box_area_fraction",
-           "one_hot_targets", "mix_targets"]
+__all__ = ["inverse_permutation", "paste_box", "paste_box_", "paste_box_masked", "one_hot_targets", "mix_targets"]
 

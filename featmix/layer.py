@@ -1,48 +1,39 @@
-"""``FeatureCutMix``: CutMix as a layer, and ``mixing``: how a training loop arms it for one batch.
+"""``FeatureCutMix``: CutMix as a layer (a *site*); the identity unless a forward pass armed it.
 
-A ``FeatureCutMix`` is the identity until a draw arms it. Arming is per forward pass and scoped: the
-``mixing`` context (or ``CutMixAt``, which uses the same two functions) picks the one site that mixes,
-hands it the batch's permutation and box parameters, and disarms every site on exit, so nothing from
-one batch can leak into the next. The armed site records the box it pasted on its own grid; the
-targets are built from that record, so they always describe what the network saw.
+A site is armed by the pass that drives it (``featmix.mixing`` or ``CutMixAt``, see ``arming.py``):
+the pass hands the chosen site the batch's draw and marks itself live for the duration of the
+forward. While live, the chosen site places the draw on its own grid, pastes once and records the
+placement. After the forward, the record stays only so that a recomputed forward (activation
+checkpointing, which reruns the site inside backward) replays exactly the same mix; any other call
+after the forward is the identity, so a draw never outlives the forward that armed it.
 
-State lives in plain attributes of persistent modules (a bool and a few tensors) rather than in a
-fresh object per batch: under ``torch.compile`` that gives guards on a bool and on tensor metadata
-only, so no batch triggers a recompile.
+State lives in plain attributes of persistent modules (the draw, one device buffer that keeps its
+storage across steps, the record): under ``torch.compile`` that gives guards on a few Python values
+and on tensor metadata only, so no batch triggers a recompile.
 """
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .sampling import MixDraw, MixSampler
+from .placement import Placement, place_tensor
+from .sampling import MixDraw
 
 try:  # torch >= 2.3
     from torch.compiler import is_compiling as _is_compiling
 except ImportError:  # pragma: no cover - torch 2.1/2.2
     from torch._dynamo import is_compiling as _is_compiling
 
+GridFn = Callable[[Tuple[int, int]], Tuple[int, int]]
 
-@dataclass(frozen=True)
-class MixRecord:
-    """What one batch's mixing did: where, on which grid, which box, and the corrected lam.
 
-    ``lam`` is the pasted-area-corrected weight of each sample's own image (``1 - box area / grid
-    area``); ``weight`` is the weight its own label gets in the targets (``lam``, or the variant's
-    rule). On the compiled path ``box``, ``lam`` and ``weight`` are tensors (no host sync).
-    """
-
-    layer: object
-    grid: Tuple[int, int]
-    box: object
-    lam: object
-    weight: object
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (where checkpointing recomputes forwards)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class FeatureCutMix(nn.Module):
@@ -57,83 +48,127 @@ class FeatureCutMix(nn.Module):
     def __init__(self, hw_dims: Tuple[int, int] = (-2, -1), num_prefix_tokens: int = 0,
                  grid: Optional[Tuple[int, int]] = None, label: object = None) -> None:
         super().__init__()
-        if num_prefix_tokens < 0:
-            raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
         self.hw_dims = tuple(hw_dims)
-        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.num_prefix_tokens = num_prefix_tokens
         self.grid = tuple(grid) if grid is not None else None
         self.label = label
-        self._disarm()
+        self.num_chs: Optional[int] = None      # channels the map must have (from timm feature_info)
+        self.grid_fn: Optional[GridFn] = None   # token grid for an input size (dynamic-size ViTs)
+        self._owner = None                      # the arming pass that drives this site
+        self._draw: Optional[MixDraw] = None    # set on the chosen site only
+        self._buf: Optional[Tensor] = None      # int64 [perm, inverse perm, float64 bits of params]
+        self._record: Optional[Placement] = None
 
-    # -- arming (called by ``mixing`` / ``CutMixAt``, never by user code) -------------------------
-    def _disarm(self) -> None:
-        self._armed = False
-        self._draw: Optional[MixDraw] = None
-        self._perm: Optional[Tensor] = None
-        self._inv: Optional[Tensor] = None
-        self._params: Optional[Tensor] = None
-        self._fixed = False
-        self._result = None
+    # -- driven by arming.py ----------------------------------------------------------------------
+    def _arm(self, owner: object, draw: Optional[MixDraw], device: torch.device) -> None:
+        self._owner, self._draw, self._record = owner, draw, None
+        if draw is not None:
+            self._load(draw, device)
 
-    def _arm(self, draw: MixDraw, device: torch.device) -> None:
-        self._draw = draw
-        self._perm = draw.perm.to(device, non_blocking=True)
-        self._inv = F.inverse_permutation(draw.perm).to(device, non_blocking=True)
-        # float64 [lam, centre_y, centre_x] for the compiled path: the same arithmetic as the host.
-        self._params = torch.tensor([draw.lam, draw.center[0], draw.center[1]],
-                                    dtype=torch.float64).to(device, non_blocking=True)
-        self._fixed = draw.variant == "fixed_size"
-        self._result = None
-        self._armed = True
+    def _release(self) -> None:
+        self._owner, self._draw, self._record = None, None, None
+
+    def _load(self, draw: MixDraw, device: torch.device) -> None:
+        """One host-to-device copy of the draw into a buffer that keeps its storage across steps."""
+        host = torch.cat([draw.perm, F.inverse_permutation(draw.perm), draw.params().view(torch.int64)])
+        if self._buf is None or self._buf.shape != host.shape or self._buf.device != device:
+            self._buf = torch.empty_like(host, device=device)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        self._buf.copy_(host, non_blocking=True)
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        if not (self._armed and self.training):
+        owner = self._owner
+        if owner is None or not self.training:
             return x
-        self._armed = False  # exactly one mix per forward pass, even if this module runs twice
+        if _is_compiling():  # traced inside the live forward; recomputation happens inside the graph
+            if self._draw is None or not owner.live:
+                return x
+            return self._on_spatial(x, self._paste_traced)
+        if owner.live:
+            if self._draw is None:
+                return x
+            if self._record is not None:
+                raise RuntimeError(f"the mixing layer {self._name()} ran twice in one forward pass; CutMix mixes "
+                                   f"once per batch: choose a module that runs once (a module reused in several "
+                                   f"places is not a layer position)")
+            return self._on_spatial(x, self._paste_new)
+        if _in_backward():  # activation checkpointing recomputes the forward: replay the same mix
+            owner.check_replay()
+            if self._draw is not None and self._record is not None:
+                return self._on_spatial(x, self._paste_recorded)
+        return x
+
+    def _on_spatial(self, x: Tensor, paste: Callable[[Tensor, int, int], Tensor]) -> Tensor:
+        """Run ``paste(map, hdim, wdim)`` on the spatial part of ``x`` (maps, or tokens on their grid)."""
+        self._check(x)
+        if self._buf.device != x.device:  # armed on the labels' device (``mixing``); the map lives elsewhere
+            self._buf = self._buf.to(x.device, non_blocking=True)
         if x.dim() == 3:
-            return self._mix_tokens(x)
+            p = self.num_prefix_tokens
+            gh, gw = self._token_grid(x.shape[1] - p)
+            mixed = paste(x[:, p:].unflatten(1, (gh, gw)), 1, 2).flatten(1, 2)
+            return torch.cat([x[:, :p], mixed], dim=1) if p else mixed
+        hdim, wdim = (d % x.dim() for d in self.hw_dims)
+        return paste(x, hdim, wdim)
+
+    def _paste_new(self, m: Tensor, hdim: int, wdim: int) -> Tensor:
+        self._record = self._draw.place(m.shape[hdim], m.shape[wdim])
+        return self._paste_recorded(m, hdim, wdim)
+
+    def _paste_recorded(self, m: Tensor, hdim: int, wdim: int) -> Tensor:
+        if self._record.grid != (m.shape[hdim], m.shape[wdim]):
+            raise RuntimeError(f"the recomputed forward of {self._name()} gave a {m.shape[hdim]}x{m.shape[wdim]} map, "
+                               f"the original forward {self._record.grid[0]}x{self._record.grid[1]}")
+        B = m.shape[0]
+        perm, inv = self._buf[:B], self._buf[B:2 * B]
+        return F.paste_box(m, perm, self._record.box, hdim, wdim, inv_perm=inv)
+
+    def _paste_traced(self, m: Tensor, hdim: int, wdim: int) -> Tensor:
+        B = m.shape[0]
+        params = self._buf[2 * B:].view(torch.float64)
+        self._record = place_tensor(params, m.shape[hdim], m.shape[wdim], self._draw.variant)
+        return F.paste_box_masked(m, self._buf[:B], self._record.box, hdim, wdim)
+
+    # -- checks -----------------------------------------------------------------------------------
+    def _check(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"the mixing layer {self._name()} got a {type(x).__name__}, not a tensor")
         if x.dim() < 3:
             raise ValueError(f"FeatureCutMix needs a (B, C, H, W) map or (B, N, C) tokens; got shape "
-                             f"{tuple(x.shape)}")
-        hdim, wdim = (d % x.dim() for d in self.hw_dims)
-        return self._mix_map(x, hdim, wdim)
-
-    def _mix_map(self, x: Tensor, hdim: int, wdim: int) -> Tensor:
-        h, w = x.shape[hdim], x.shape[wdim]
-        if _is_compiling():
-            box = F.box_tensor(self._params, h, w, fixed_size=self._fixed_size())
-            self._result = (h, w, box)
-            return F.paste_box_masked(x, self._perm, box, hdim, wdim)
-        box = self._draw.box_on_grid(h, w)
-        self._result = (h, w, box)
-        return F.paste_box(x, self._perm, box, hdim, wdim, inv_perm=self._inv)
-
-    def _mix_tokens(self, x: Tensor) -> Tensor:
-        p = self.num_prefix_tokens
-        gh, gw = self._token_grid(x.shape[1] - p)
-        spatial = x[:, p:].unflatten(1, (gh, gw))          # (B, gh, gw, C) view
-        if _is_compiling():
-            box = F.box_tensor(self._params, gh, gw, fixed_size=self._fixed_size())
-            self._result = (gh, gw, box)
-            mixed = F.paste_box_masked(spatial, self._perm, box, 1, 2).flatten(1, 2)
-            return torch.cat([x[:, :p], mixed], dim=1) if p else mixed
-        box = self._draw.box_on_grid(gh, gw)
-        self._result = (gh, gw, box)
-        mixed = F.paste_box(spatial, self._perm, box, 1, 2, inv_perm=self._inv).flatten(1, 2)
-        return torch.cat([x[:, :p], mixed], dim=1) if p else mixed
+                             f"{tuple(x.shape)} at {self._name()}")
+        batch = (self._buf.numel() - 3) // 2
+        if x.shape[0] != batch:
+            raise ValueError(f"the map at {self._name()} has batch size {x.shape[0]}, but the batch was drawn for "
+                             f"{batch} labels: pass one label per image")
+        if self.num_chs is not None:
+            cdim = 2 if x.dim() == 3 else next(d for d in range(1, x.dim())
+                                              if d not in {h % x.dim() for h in self.hw_dims})
+            if x.shape[cdim] != self.num_chs:
+                raise ValueError(f"the map at {self._name()} has shape {tuple(x.shape)}: expected {self.num_chs} "
+                                 f"channels on dim {cdim} (from the model's feature_info), got {x.shape[cdim]}; "
+                                 f"the layout of this layer's output is not the one its model declares")
 
     def _token_grid(self, n: int) -> Tuple[int, int]:
-        if self.grid is not None and self.grid[0] * self.grid[1] == n:
-            return self.grid
+        owner = self._owner
+        if self.grid_fn is not None and getattr(owner, "image_hw", None) is not None:
+            grid = tuple(self.grid_fn(owner.image_hw))
+        else:
+            grid = self.grid
+        if grid is not None and grid[0] * grid[1] == n:
+            return grid
         side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"cannot lay {n} tokens (after {self.num_prefix_tokens} prefix tokens) on a "
-                             f"grid: pass grid=(h, w) or num_prefix_tokens= to FeatureCutMix")
-        return side, side
+        if grid is None and side * side == n:
+            return side, side
+        raise ValueError(f"cannot lay {n} tokens (after {self.num_prefix_tokens} prefix tokens) on "
+                         f"{'the grid ' + str(grid) if grid else 'a square grid'} at {self._name()}: pass grid=(h, w) "
+                         f"or num_prefix_tokens= to FeatureCutMix")
 
-    def _fixed_size(self) -> bool:
-        return self._fixed
+    def _name(self) -> str:
+        return f"layer={self.label!r}" if self.label is not None else "FeatureCutMix"
 
     def extra_repr(self) -> str:
         parts = []
@@ -146,109 +181,6 @@ class FeatureCutMix(nn.Module):
         return ", ".join(parts)
 
 
-def find_sites(model: nn.Module) -> List[FeatureCutMix]:
+def find_sites(model: nn.Module) -> list:
     """The ``FeatureCutMix`` modules of ``model`` in registration order."""
     return [m for m in model.modules() if isinstance(m, FeatureCutMix)]
-
-
-def arm(sites: Sequence[FeatureCutMix], draw: MixDraw, device: torch.device) -> Optional[FeatureCutMix]:
-    """Disarm every site, then arm the one the draw chose (none when the batch is unmixed)."""
-    for s in sites:
-        s._disarm()
-    if not draw.mixed:
-        return None
-    site = sites[draw.site]
-    site._arm(draw, device)
-    return site
-
-
-def disarm(sites: Sequence[FeatureCutMix]) -> None:
-    for s in sites:
-        s._disarm()
-
-
-def build_targets(labels: Tensor, num_classes: int, draw: MixDraw, site: Optional[FeatureCutMix],
-                  smoothing: float = 0.0, dtype: torch.dtype = torch.float32
-                  ) -> Tuple[Tensor, Optional[MixRecord]]:
-    """Soft targets for what the network saw, and the record of the mix (None when unmixed).
-
-    A chosen site that never ran (not on the forward path) means nothing was mixed: plain targets.
-    """
-    y = F.one_hot_targets(labels, num_classes, smoothing, dtype)
-    result = site._result if site is not None else None
-    if result is None:
-        return y, None
-    h, w, box = result
-    if isinstance(box, Tensor):
-        lam = 1.0 - F.box_area_fraction(box, h, w)
-        if draw.variant == "one_hot":
-            weight = (lam >= 0.5).to(torch.float64)
-        elif draw.variant == "complete_label":
-            weight = torch.full_like(lam, 0.5)
-        else:
-            weight = lam
-    else:
-        y1, y2, x1, x2 = box
-        lam = 1.0 - (y2 - y1) * (x2 - x1) / float(h * w)
-        weight = draw.label_weight(box, h, w)
-    return F.mix_targets(y, draw.perm, weight), MixRecord(site.label, (h, w), box, lam, weight)
-
-
-class MixedBatch:
-    """Yielded by ``mixing``: read ``targets`` (and ``record``) after the forward pass."""
-
-    def __init__(self, labels: Tensor, num_classes: int, draw: MixDraw, site: Optional[FeatureCutMix],
-                 smoothing: float) -> None:
-        self._labels, self._num_classes, self._smoothing = labels, num_classes, smoothing
-        self.draw, self._site = draw, site
-        self._done: Optional[Tuple[Tensor, Optional[MixRecord]]] = None
-
-    def _build(self) -> Tuple[Tensor, Optional[MixRecord]]:
-        # Inside the block the forward pass may not have run yet: build afresh; after it, keep.
-        if self._done is not None:
-            return self._done
-        return build_targets(self._labels, self._num_classes, self.draw, self._site, self._smoothing)
-
-    def _close(self) -> None:
-        self._done = self._build()
-
-    @property
-    def targets(self) -> Tensor:
-        """(B, num_classes) float targets weighted by the area actually pasted."""
-        return self._build()[0]
-
-    @property
-    def record(self) -> Optional[MixRecord]:
-        """Where and how the batch was mixed; None when it was not."""
-        return self._build()[1]
-
-
-@contextmanager
-def mixing(model: Union[nn.Module, Sequence[FeatureCutMix]], labels: Tensor, num_classes: int,
-           sampler: Optional[MixSampler] = None, label_smoothing: float = 0.0) -> Iterator[MixedBatch]:
-    """Arm the ``FeatureCutMix`` layers of ``model`` for one forward pass.
-
-    >>> with featmix.mixing(net, labels, num_classes=10, sampler=sampler) as batch:
-    ...     logits = net(images)
-    >>> loss = F.cross_entropy(logits, batch.targets)
-
-    One draw per batch: one of the model's ``FeatureCutMix`` layers is chosen to mix (uniformly) and
-    the others stay the identity. Every layer is disarmed on exit, even after an exception.
-    """
-    from .validation import check_labels, check_num_classes  # local: validation imports nothing heavy
-
-    sites = list(model) if not isinstance(model, nn.Module) else find_sites(model)
-    if not sites:
-        raise ValueError("model has no FeatureCutMix layer: insert featmix.FeatureCutMix() where the mix "
-                         "should happen, or use featmix.CutMixAt(model, layer=...)")
-    check_num_classes(num_classes)
-    check_labels(labels, num_classes, None)
-    sampler = sampler if sampler is not None else MixSampler()
-    draw = sampler.draw(labels.shape[0], len(sites))
-    site = arm(sites, draw, labels.device)
-    try:
-        batch = MixedBatch(labels, num_classes, draw, site, label_smoothing)
-        yield batch
-        batch._close()
-    finally:
-        disarm(sites)

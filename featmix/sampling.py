@@ -3,56 +3,24 @@
 Everything random about a CutMix batch is drawn here, once, on the host, from a CPU
 ``torch.Generator``. Drawing on the host keeps the same seed giving the same draws on CPU and GPU and
 means the box is known as Python integers without a device round trip. The draw does not know the
-grid it will be applied to: the box centre is stored as a fraction of each side and turned into an
-integer cell on whatever grid the mixing site has (``box_on_grid``), which keeps the centre uniform on
-every grid, as the reference code's ``randint(0, H)`` is.
+grid it will be applied to: the box centre is stored as a fraction of each side and placed on
+whatever grid the mixing site has (``MixDraw.place``), which keeps the centre uniform on every grid,
+as the reference code's ``randint(0, H)`` is.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
+from torch.utils.data import get_worker_info
+
+from .placement import Box, Placement, box_on_grid, place
+from .validation import check_int, check_real
 
 VARIANTS = ("cutmix", "center_gaussian", "fixed_size", "scheduled", "one_hot", "complete_label")
-
-Box = Tuple[int, int, int, int]  # (y1, y2, x1, x2), half-open, on one grid
-
-
-def check_alpha(alpha: object) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a finite number > 0 (lam ~ Beta(alpha, alpha)), got {alpha!r}")
-
-
-def check_mix_args(alpha: float, prob: float, variant: str, total_steps: Optional[int],
-                   center_std: float, label_smoothing: float, generator: Optional[torch.Generator]) -> None:
-    """Validate the keyword arguments shared by CutMix, CutMixAt and MixSampler."""
-    check_alpha(alpha)
-    if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
-        raise ValueError(f"prob must be a number in [0, 1] (the chance a batch is mixed), got {prob!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(repr(v) for v in VARIANTS)}; got {variant!r}")
-    if variant == "scheduled":
-        if total_steps is None:
-            raise ValueError("variant='scheduled' needs total_steps= (an int > 0: the number of training "
-                             "steps over which prob ramps from 0 to its value)")
-    if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
-                                    or total_steps <= 0):
-        raise ValueError(f"total_steps must be an int > 0, got {total_steps!r}")
-    if isinstance(center_std, bool) or not isinstance(center_std, (int, float)) or not center_std > 0:
-        raise ValueError(f"center_std must be a number > 0 (std of the box centre as a fraction of the "
-                         f"side, variant='center_gaussian'), got {center_std!r}")
-    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
-            or not 0.0 <= label_smoothing < 1.0):
-        raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        if generator.device.type != "cpu":
-            raise ValueError(f"generator must be a CPU torch.Generator (draws are made on the host so the "
-                             f"same seed gives the same draws on every device and no device sync is "
-                             f"needed); got one on {generator.device}")
 
 
 @dataclass(frozen=True)
@@ -66,41 +34,35 @@ class MixDraw:
     site: int                    # index of the one candidate site that mixes in this forward pass
     variant: str = "cutmix"
 
+    def place(self, h: int, w: int) -> Placement:
+        """Box, corrected lam and label weight on an h x w grid (``featmix.placement.place``)."""
+        return place(self.lam, self.center, h, w, self.variant)
+
     def box_on_grid(self, h: int, w: int) -> Box:
-        """The box on an h x w grid with the reference code's rule (truncation, clipping)."""
+        """The box alone on an h x w grid (reference rule: truncation, clipping)."""
         return box_on_grid(self.lam, self.center, h, w, self.variant)
 
-    def label_weight(self, box: Box, h: int, w: int) -> float:
-        """Weight of the sample's own label: the area it keeps, or the variant's rule."""
-        if not self.mixed:
-            return 1.0
-        y1, y2, x1, x2 = box
-        lam = 1.0 - (y2 - y1) * (x2 - x1) / float(h * w)
-        if self.variant == "one_hot":
-            return 1.0 if lam >= 0.5 else 0.0
-        if self.variant == "complete_label":
-            return 0.5
-        return lam
+    def params(self) -> torch.Tensor:
+        """float64 [lam, centre_y, centre_x]: what ``featmix.placement.place_tensor`` reads."""
+        return torch.tensor([self.lam, self.center[0], self.center[1]], dtype=torch.float64)
 
 
-def box_on_grid(lam: float, center: Tuple[float, float], h: int, w: int, variant: str = "cutmix") -> Box:
-    """Reference rule: cut = int(side * sqrt(1 - lam)), integer centre, half-sides cut // 2, clipped.
+def check_generator(generator: object) -> Optional[torch.Generator]:
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU torch.Generator (draws are made on the host so the same seed "
+                         f"gives the same draws on every device and no device sync is needed); got one on "
+                         f"{generator.device}")
+    return generator
 
-    ``fixed_size`` keeps the whole half-side box inside the grid (the paper's fixed 16 x 16 on 32 x 32),
-    so its centre fraction places the box's top-left corner instead.
-    """
-    uy, ux = center
-    if variant == "fixed_size":
-        cut_h, cut_w = h // 2, w // 2
-        y1 = min(int(uy * (h - cut_h + 1)), h - cut_h)
-        x1 = min(int(ux * (w - cut_w + 1)), w - cut_w)
-        return y1, y1 + cut_h, x1, x1 + cut_w
-    rat = math.sqrt(1.0 - lam)
-    cut_h, cut_w = int(h * rat), int(w * rat)
-    cy, cx = min(int(uy * h), h - 1), min(int(ux * w), w - 1)
-    y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
-    x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
-    return y1, y2, x1, x2
+
+def _worker_seed(base: int, worker_seed: int) -> int:
+    """A 63-bit seed from the generator's seed and the DataLoader worker's seed (stable run to run)."""
+    digest = hashlib.sha256(f"featmix:{base}:{worker_seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 class MixSampler:
@@ -108,20 +70,25 @@ class MixSampler:
 
     All randomness comes from ``generator`` (a CPU ``torch.Generator``; torch's default CPU generator
     when None). The same number of values is drawn for every batch whatever the gate says, so two runs
-    with the same seed that differ only in ``prob`` see the same lam/box/permutation stream.
+    with the same seed that differ only in ``prob`` see the same lam/box/permutation stream. In a
+    DataLoader worker a seeded generator is reseeded once from its seed and the worker's seed (which
+    torch derives per worker and per epoch), so workers draw different, reproducible streams.
     """
 
     def __init__(self, alpha: float = 1.0, prob: float = 1.0, variant: str = "cutmix", *,
                  total_steps: Optional[int] = None, center_std: float = 0.25,
                  generator: Optional[torch.Generator] = None) -> None:
-        check_mix_args(alpha, prob, variant, total_steps, center_std, 0.0, generator)
-        self.alpha = alpha
-        self.prob = float(prob)
         self.variant = variant
         self.total_steps = total_steps
-        self.center_std = float(center_std)
-        self.generator = generator
+        if self.variant == "scheduled" and self.total_steps is None:
+            raise ValueError("variant='scheduled' needs total_steps= (an int > 0: the number of training "
+                             "steps over which prob ramps from 0 to its value)")
+        self.alpha = alpha
+        self.prob = prob
+        self.center_std = center_std
+        self.generator = check_generator(generator)
         self.step = 0  # batches drawn so far: drives variant="scheduled"
+        self._reseeded_for: Optional[int] = None  # the DataLoader worker seed this copy was reseeded for
 
     @property
     def alpha(self) -> float:
@@ -129,9 +96,44 @@ class MixSampler:
 
     @alpha.setter
     def alpha(self, value: float) -> None:
-        check_alpha(value)
-        self._alpha = float(value)
+        self._alpha = check_real(value, "alpha", 0.0, math.inf, low_open=True, meaning="lam ~ Beta(alpha, alpha)")
         self._conc = torch.full((2,), self._alpha, dtype=torch.float64)  # Beta(a, a) as Dirichlet(a, a)
+
+    @property
+    def prob(self) -> float:
+        return self._prob
+
+    @prob.setter
+    def prob(self, value: float) -> None:
+        self._prob = check_real(value, "prob", 0.0, 1.0, meaning="the chance a batch is mixed")
+
+    @property
+    def center_std(self) -> float:
+        return self._center_std
+
+    @center_std.setter
+    def center_std(self, value: float) -> None:
+        self._center_std = check_real(value, "center_std", 0.0, math.inf, low_open=True,
+                                      meaning="std of the box centre as a fraction of the side, "
+                                              "variant='center_gaussian'")
+
+    @property
+    def variant(self) -> str:
+        return self._variant
+
+    @variant.setter
+    def variant(self, value: str) -> None:
+        if value not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(repr(v) for v in VARIANTS)}; got {value!r}")
+        self._variant = value
+
+    @property
+    def total_steps(self) -> Optional[int]:
+        return self._total_steps
+
+    @total_steps.setter
+    def total_steps(self, value: Optional[int]) -> None:
+        self._total_steps = None if value is None else check_int(value, "total_steps", 1, "the schedule's length")
 
     def current_prob(self) -> float:
         """The gate probability for the next batch (ramps linearly for variant='scheduled')."""
@@ -141,7 +143,7 @@ class MixSampler:
 
     def draw(self, batch_size: int, num_sites: int = 1) -> MixDraw:
         """Draw gate, lam, centre, permutation and site for one batch of ``batch_size`` samples."""
-        g = self.generator
+        g = self._stream()
         p = self.current_prob()
         self.step += 1
         u = torch.rand(5, generator=g, dtype=torch.float64).tolist()  # gate, centre y, x, site, lam
@@ -154,6 +156,20 @@ class MixSampler:
         mixed = bool(u[0] < p) and batch_size > 1
         return MixDraw(mixed=mixed, lam=lam, center=center, perm=perm, site=site, variant=self.variant)
 
+    def _stream(self) -> Optional[torch.Generator]:
+        """The generator to draw from; in a DataLoader worker, reseeded once for that worker."""
+        info = get_worker_info()
+        if info is None:
+            return self.generator
+        if self.variant == "scheduled":
+            raise RuntimeError("variant='scheduled' counts batches in the process that draws, and each DataLoader "
+                               "worker would count its own share and restart every epoch: apply it in the main "
+                               "process (on the batches the DataLoader returns), not in a worker's collate_fn")
+        if self.generator is not None and self._reseeded_for != info.seed:
+            self.generator.manual_seed(_worker_seed(self.generator.initial_seed(), info.seed))
+            self._reseeded_for = info.seed
+        return self.generator
+
     def _center(self, uy: float, ux: float, g: Optional[torch.Generator]) -> Tuple[float, float]:
         """Box centre as fractions of (height, width): uniform, or Gaussian around the middle."""
         if self.variant == "center_gaussian":
@@ -163,10 +179,9 @@ class MixSampler:
         return uy, ux
 
     def _beta(self, g: Optional[torch.Generator], u: float) -> float:
-        # Beta(1, 1) is Uniform(0, 1): the paper's alpha = 1 takes the uniform already drawn (one op
-        # fewer per batch, a measurable share of the input-level transform). Otherwise Beta(a, a) is the
-        # first coordinate of Dirichlet(a, a): torch.distributions.Beta takes no generator, the
-        # Dirichlet kernel does (and handles small alpha without 0/0).
+        # Beta(1, 1) is Uniform(0, 1): the paper's alpha = 1 takes the uniform already drawn. Otherwise
+        # Beta(a, a) is the first coordinate of Dirichlet(a, a): torch.distributions.Beta takes no
+        # generator, the Dirichlet kernel does (and handles small alpha without 0/0).
         if self._alpha == 1.0:
             return u
         return torch._sample_dirichlet(self._conc, generator=g).tolist()[0]
@@ -181,7 +196,3 @@ class MixSampler:
         extra = f", total_steps={self.total_steps}" if self.total_steps else ""
         return (f"MixSampler(alpha={self.alpha}, prob={self.prob}, variant={self.variant!r}{extra}, "
                 f"step={self.step})")
-
-
-def resolve_sampler(sampler: Optional[MixSampler], **kwargs: Any) -> MixSampler:
-    return sampler if sampler is not None else MixSampler(**kwargs)

@@ -7,9 +7,10 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .layer import MixRecord
-from .sampling import MixSampler, check_mix_args
-from .validation import check_images, check_label_range, check_labels, check_num_classes
+from .arming import MixRecord
+from .sampling import MixSampler
+from .validation import (check_flag, check_images, check_label_range, check_label_smoothing, check_labels,
+                         check_num_classes)
 
 
 class CutMix(nn.Module):
@@ -30,35 +31,33 @@ class CutMix(nn.Module):
                  total_steps: Optional[int] = None, inplace: bool = False, center_std: float = 0.25) -> None:
         super().__init__()
         self.num_classes = check_num_classes(num_classes)
-        check_mix_args(alpha, prob, variant, total_steps, center_std, label_smoothing, generator)
-        if not isinstance(inplace, bool):
-            raise TypeError(f"inplace must be a bool, got {inplace!r}")
         self.sampler = MixSampler(alpha, prob, variant, total_steps=total_steps, center_std=center_std,
                                   generator=generator)
-        self.label_smoothing = float(label_smoothing)
-        self.inplace = inplace
+        self.label_smoothing = check_label_smoothing(label_smoothing)
+        self.inplace = check_flag(inplace, "inplace")
         self.last_mix: Optional[MixRecord] = None
 
     def forward(self, images: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
         check_images(images)
         check_labels(labels, self.num_classes, images.shape[0], check_range=False)
-        try:  # the scatter finds an index out of range; the check then words the error
-            targets = F.one_hot_targets(labels.to(images.device), self.num_classes, self.label_smoothing)
-        except RuntimeError:
-            check_label_range(labels, self.num_classes)
-            raise
         draw = self.sampler.draw(images.shape[0])
+        targets = self._one_hot(labels, images.device)
         if not draw.mixed:
             self._set_last_mix(None)
             return images, targets
-        h, w = images.shape[-2:]
-        box = draw.box_on_grid(h, w)
+        where = draw.place(images.shape[-2], images.shape[-1])
+        perm = draw.perm.to(images.device, non_blocking=True)  # one transfer, for the paste and the targets
         paste = F.paste_box_ if self.inplace else F.paste_box
-        images = paste(images, draw.perm, box)
-        weight = draw.label_weight(box, h, w)
-        y1, y2, x1, x2 = box
-        self._set_last_mix(MixRecord(0, (h, w), box, 1.0 - (y2 - y1) * (x2 - x1) / float(h * w), weight))
-        return images, F.mix_targets(targets, draw.perm, weight)
+        images = paste(images, perm, where.box)
+        self._set_last_mix(MixRecord(0, where.grid, where.box, where.lam, where.weight))
+        return images, F.mix_targets(targets, perm, where.weight)
+
+    def _one_hot(self, labels: Tensor, device: torch.device) -> Tensor:
+        try:  # the scatter finds an index out of range; the range check then words the error
+            return F.one_hot_targets(labels.to(device), self.num_classes, self.label_smoothing)
+        except RuntimeError:
+            check_label_range(labels, self.num_classes)
+            raise
 
     def _set_last_mix(self, record: Optional[MixRecord]) -> None:
         # A plain attribute: nn.Module.__setattr__'s parameter/buffer/module bookkeeping costs ~10 us

@@ -1,21 +1,62 @@
-"""Input checks with errors that name the argument and the accepted values.
+"""Argument checks with errors that name the argument, what was expected and what came.
 
-Checks that would need the device to answer (label range on a GPU tensor) are done only where the
-tensor lives on the host, so a CUDA training step never waits on a sync; on a GPU an out-of-range
-label still fails loudly, through the device-side bounds check of the one-hot scatter.
+Numbers may be Python or NumPy scalars (anything registered as ``numbers.Real``/``numbers.Integral``),
+never bools. Checks that would need the device to answer (label range on a GPU tensor) are done
+only where the tensor lives on the host, so a CUDA training step never waits on a sync; on a GPU an
+out-of-range label still fails loudly, through the device-side bounds check of the one-hot scatter.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_real(value: object, name: str, low: float, high: float, *, low_open: bool = False,
+               high_open: bool = False, meaning: str = "") -> float:
+    """``value`` as a float in the interval between ``low`` and ``high`` (open ends as flagged)."""
+    ok = _is_real(value) and math.isfinite(float(value))
+    if ok:
+        v = float(value)
+        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        if math.isinf(high):
+            span = f"> {low:g}" if low_open else f">= {low:g}"
+        else:
+            span = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        what = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name} must be a number {span}{what}, got {value!r}")
+    return float(value)
+
+
+def check_int(value: object, name: str, minimum: int, meaning: str = "") -> int:
+    """``value`` as an int >= ``minimum`` (Python or NumPy integers; not bools, not floats)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
+        what = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name} must be an int >= {minimum}{what}, got {value!r}")
+    return int(value)
+
+
 def check_num_classes(num_classes: object) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
-    return num_classes
+    return check_int(num_classes, "num_classes", 1)
+
+
+def check_label_smoothing(value: object) -> float:
+    return check_real(value, "label_smoothing", 0.0, 1.0, high_open=True,
+                      meaning="mass spread uniformly over the classes before mixing")
+
+
+def check_flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
 
 
 def check_images(images: object, name: str = "images") -> Tensor:
@@ -47,6 +88,9 @@ def check_labels(labels: object, num_classes: int, batch_size: Optional[int], na
             check_label_range(labels, num_classes, name)
     elif labels.dim() == 2:
         if not labels.is_floating_point():
+            if labels.shape[1] == 1 and num_classes != 1:
+                raise ValueError(f"{name} of shape {tuple(labels.shape)} holds one class index per row: squeeze it "
+                                 f"to shape (B,) with {name}.squeeze(1) (or pass float (B, {num_classes}) targets)")
             raise TypeError(f"{name} of shape (B, num_classes) must be a floating-point tensor of soft or "
                             f"multi-hot targets; got {labels.dtype}")
         if labels.shape[1] != num_classes:

@@ -21,7 +21,7 @@ LABELS = torch.tensor([0, 1, 2, 3])
     ({"prob": -0.1}, ValueError, r"prob must be"),
     ({"variant": "mixup"}, ValueError, r"variant must be one of 'cutmix', 'center_gaussian'"),
     ({"variant": "scheduled"}, ValueError, r"total_steps"),
-    ({"variant": "scheduled", "total_steps": 0}, ValueError, r"total_steps must be an int > 0"),
+    ({"variant": "scheduled", "total_steps": 0}, ValueError, r"total_steps must be an int >= 1"),
     ({"label_smoothing": 1.0}, ValueError, r"label_smoothing must be a number in \[0, 1\)"),
     ({"center_std": 0}, ValueError, r"center_std"),
     ({"generator": 5}, TypeError, r"generator must be a torch.Generator"),
@@ -88,7 +88,15 @@ def test_wrapper_label_and_image_errors():
     w0.train()
     with pytest.raises(ValueError, match="4 dimensions"):
         w0(torch.randn(4, 3, 8), LABELS)
-    assert all(not s._armed for s in w.sites + w0.sites), "a failed call leaves nothing armed"
+    net = TinyNet(num_classes=4).train()
+    w1 = featmix.CutMixAt(net, layer=2)
+    with pytest.raises(ValueError, match="one entry per image"):
+        w1(IMAGES, LABELS[:2])
+    torch.manual_seed(0)
+    plain = net(IMAGES)
+    torch.manual_seed(0)
+    net.zero_grad()
+    assert torch.equal(net(IMAGES), plain), "a failed call leaves nothing armed: the inner model runs unmixed"
 
 
 def test_layer_errors():
@@ -122,5 +130,5 @@ def test_feature_cutmix_bad_shapes():
     with pytest.raises(ValueError, match=r"needs a \(B, C, H, W\) map or \(B, N, C\) tokens"):
         with featmix.mixing([site], LABELS, num_classes=4, sampler=featmix.MixSampler()):
             site(torch.randn(4, 5))
-    with pytest.raises(ValueError, match="num_prefix_tokens must be >= 0"):
+    with pytest.raises(ValueError, match="num_prefix_tokens must be an int >= 0"):
         featmix.FeatureCutMix(num_prefix_tokens=-1)

@@ -21,8 +21,7 @@ import torch
 
 import featmix
 import featmix.functional as F
-from featmix.layer import arm
-from featmix.sampling import MixDraw, MixSampler
+from featmix import MixDraw, MixSampler
 from tests.conftest import reference
 
 Box = Tuple[int, int, int, int]
@@ -266,10 +265,24 @@ def test_deterministic_mode_gives_the_same_result():
 
 # -- FeatureCutMix and CutMix entry points ------------------------------------------------------------
 
-def armed(draw: MixDraw, **kwargs) -> featmix.FeatureCutMix:
+class PinnedSampler(MixSampler):
+    """Hands out one given draw (the public way to fix what a site pastes)."""
+
+    def __init__(self, pinned: MixDraw) -> None:
+        super().__init__()
+        self.pinned = pinned
+
+    def draw(self, batch_size: int, num_sites: int = 1) -> MixDraw:
+        return self.pinned
+
+
+def mix_once(draw: MixDraw, x: torch.Tensor, **kwargs):
+    """One ``FeatureCutMix`` forward of ``x`` under ``draw``: (output, record)."""
     site = featmix.FeatureCutMix(**kwargs).train()
-    arm([site], draw, torch.device("cpu"))
-    return site
+    labels = torch.zeros(x.shape[0], dtype=torch.long)
+    with featmix.mixing([site], labels, num_classes=1, sampler=PinnedSampler(draw)) as batch:
+        out = site(x)
+    return out, batch.record
 
 
 def a_draw(B: int, lam: float = 0.45, center=(0.3, 0.6)) -> MixDraw:
@@ -283,14 +296,13 @@ def test_feature_cutmix_forward_4d(dtype, channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     draw = a_draw(8)
-    site = armed(draw)
-    out = site(x)
+    out, record = mix_once(draw, x)
     box = draw.box_on_grid(14, 14)
     assert box[1] > box[0] and box[3] > box[2]
     assert out.dtype == dtype
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert torch.equal(out, reference(x, draw.perm, box))
-    assert site._result == (14, 14, box)
+    assert record.grid == (14, 14) and record.box == box
 
 
 @pytest.mark.parametrize("prefix", [0, 1, 5])
@@ -298,7 +310,7 @@ def test_feature_cutmix_forward_tokens_with_prefix(prefix):
     B, gh, gw, C = 6, 7, 7, 12
     x = make((B, prefix + gh * gw, C), torch.bfloat16)
     draw = a_draw(B)
-    out = armed(draw, num_prefix_tokens=prefix)(x)
+    out, _ = mix_once(draw, x, num_prefix_tokens=prefix)
     box = draw.box_on_grid(gh, gw)
     want_spatial = reference_dims(x[:, prefix:].unflatten(1, (gh, gw)), draw.perm, box, 1, 2).flatten(1, 2)
     assert out.shape == x.shape and out.dtype == x.dtype
@@ -313,7 +325,7 @@ def test_feature_cutmix_backward_matches_reference():
     box = draw.box_on_grid(10, 10)
     g = make(x.shape, seed=5)
     a = x.clone().requires_grad_(True)
-    (ga,) = torch.autograd.grad(armed(draw)(a), a, g)
+    (ga,) = torch.autograd.grad(mix_once(draw, a)[0], a, g)
     b = x.clone().requires_grad_(True)
     (gb,) = torch.autograd.grad(reference(b, draw.perm, box), b, g)
     assert torch.equal(ga, gb)
@@ -321,7 +333,7 @@ def test_feature_cutmix_backward_matches_reference():
 
 def test_feature_cutmix_empty_box_is_identity():
     x = make((4, 3, 5, 5))
-    out = armed(a_draw(4, lam=1.0))(x)  # lam = 1: zero-sized box
+    out, _ = mix_once(a_draw(4, lam=1.0), x)  # lam = 1: zero-sized box
     assert torch.equal(out, x)
 
 

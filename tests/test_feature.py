@@ -63,7 +63,8 @@ def test_mixing_context_mixes_one_layer_on_its_own_grid():
             assert box is not None and box in {rec.box, (0, 0, 0, 0)}
         torch.testing.assert_close(batch.targets.sum(1), torch.ones(B))
     assert chosen == {"input", "pooled"}
-    assert all(not s._armed and s._perm is None for s in featmix.find_sites(net)), "disarmed after the batch"
+    x = constant_images(B, 16, 16)
+    assert torch.equal(net[:2](x), x), "after the block the layers are the identity: no draw outlives its forward"
 
 
 def test_mixing_disarms_after_exception_and_outside_the_block():
@@ -72,7 +73,6 @@ def test_mixing_disarms_after_exception_and_outside_the_block():
     with pytest.raises(RuntimeError, match="boom"):
         with featmix.mixing(net, torch.tensor([0, 1]), num_classes=2, sampler=featmix.MixSampler(generator=gen(0))):
             raise RuntimeError("boom")
-    assert not site._armed
     x = torch.randn(2, 3, 2, 2)
     assert site(x) is x  # no stale draw
 
@@ -83,12 +83,16 @@ def test_mixing_requires_a_site():
             pass
 
 
-def test_unreached_site_gives_unmixed_targets():
-    site = featmix.FeatureCutMix()  # registered but never called in forward
+def test_unreached_site_is_an_error_not_an_unmixed_batch():
+    site = featmix.FeatureCutMix(label="side")  # registered but never called in forward
     net = nn.Module()
     net.site = site
     y = torch.tensor([0, 1, 1])
-    with featmix.mixing(net, y, num_classes=2, sampler=featmix.MixSampler(generator=gen(0))) as batch:
+    with pytest.raises(RuntimeError, match=r"layer='side' did not mix this batch: it did not run in the forward"):
+        with featmix.mixing(net, y, num_classes=2, sampler=featmix.MixSampler(generator=gen(0))):
+            pass
+    # an unmixed draw (gate closed) needs no site to run: plain targets
+    with featmix.mixing(net, y, num_classes=2, sampler=featmix.MixSampler(prob=0.0)) as batch:
         pass
     assert batch.record is None and torch.equal(batch.targets, F.one_hot(y, 2).float())
 

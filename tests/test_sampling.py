@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import featmix
 from featmix import MixSampler, box_on_grid
 from tests.conftest import gen
 
@@ -85,7 +86,7 @@ def test_alpha_can_be_changed_after_construction_and_is_validated():
     p, inner = 0.187, np.mean((lams > 0.1) & (lams < 0.9))
     assert abs(inner - p) < 4 * math.sqrt(p * (1 - p) / 2000)
     for bad in (0, -1.0, float("nan"), "1"):
-        with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+        with pytest.raises(ValueError, match="alpha must be a number > 0"):
             s.alpha = bad
     assert s.alpha == 0.1
 
@@ -154,9 +155,10 @@ def test_fixed_size_box_is_half_sides_inside_grid():
     tops = set()
     for _ in range(500):
         d = s.draw(4)
-        y1, y2, x1, x2 = d.box_on_grid(32, 32)
+        where = d.place(32, 32)
+        y1, y2, x1, x2 = where.box
         assert (y2 - y1, x2 - x1) == (16, 16) and 0 <= y1 and y2 <= 32 and 0 <= x1 and x2 <= 32
-        assert d.label_weight((y1, y2, x1, x2), 32, 32) == 0.75
+        assert where.lam == where.weight == 0.75
         tops.add(y1)
     assert tops == set(range(17))  # every placement that fits is reachable
 
@@ -190,12 +192,27 @@ def test_scheduled_prob_ramps_linearly_and_resumes():
 
 
 def test_one_hot_and_complete_label_weights():
-    box = (0, 16, 0, 20)  # 320 of 1024 cells: lam = 0.6875
-    for variant, expected in (("cutmix", 0.6875), ("one_hot", 1.0), ("complete_label", 0.5)):
-        d = MixSampler(variant=variant, generator=gen(0)).draw(4)
-        assert d.label_weight(box, 32, 32) == expected
-    d = MixSampler(variant="one_hot", generator=gen(0)).draw(4)
-    assert d.label_weight((0, 32, 0, 20), 32, 32) == 0.0  # partner covers 62.5%
+    # lam = 0.75 and centre (0.25, 0.3125) on 32 x 32: cut 16 x 16 around (8, 10) -> box (0, 16, 2, 18), lam 0.75
+    for variant, expected in (("cutmix", 0.75), ("one_hot", 1.0), ("complete_label", 0.5)):
+        where = featmix.place(0.75, (0.25, 0.3125), 32, 32, variant)
+        assert where.box == (0, 16, 2, 18) and where.lam == 0.75 and where.weight == expected
+    # lam = 0.2: cut 28 x 28 around the middle -> 1 - 784/1024 = 0.234375: the partner covers the larger area
+    assert featmix.place(0.2, (0.5, 0.5), 32, 32, "one_hot").weight == 0.0
+    assert featmix.place(0.2, (0.5, 0.5), 32, 32, "cutmix").weight == 0.234375
+
+
+def test_tensor_placement_is_the_twin_of_the_host_placement():
+    """place_tensor (compiled path) gives the same box, lam and weight as place (eager path), every variant."""
+    from featmix.placement import place_tensor
+    g = torch.Generator().manual_seed(5)
+    for variant in featmix.VARIANTS:
+        for _ in range(200):
+            lam, cy, cx = torch.rand(3, generator=g, dtype=torch.float64).tolist()
+            h, w = (int(v) for v in torch.randint(1, 40, (2,), generator=g))
+            host = featmix.place(lam, (cy, cx), h, w, variant)
+            dev = place_tensor(torch.tensor([lam, cy, cx], dtype=torch.float64), h, w, variant)
+            assert tuple(dev.box.tolist()) == host.box and dev.grid == host.grid
+            assert float(dev.lam) == host.lam and float(dev.weight) == host.weight
 
 
 def test_generator_must_be_a_cpu_generator():
