@@ -21,6 +21,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .validation import check_writable
+
 Box = Tuple[int, int, int, int]
 
 
@@ -208,24 +210,13 @@ def paste_box_(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1
     expanded tensor (several elements share memory), is a ``ValueError`` whatever the box.
     """
     hdim, wdim = _norm_dims(x, hdim, wdim)
-    _check_writable(x)
+    check_writable(x, "x")
     if _empty_box(box):
         return x
     if torch.is_grad_enabled() and x.requires_grad:
         return _PasteBoxInPlace.apply(x, perm, inverse_permutation(perm), tuple(box), hdim, wdim)
     _paste_inplace(x, perm, box, hdim, wdim)
     return x
-
-
-def _check_writable(x: Tensor) -> None:
-    expanded = [d for d in range(x.dim()) if x.stride(d) == 0 and x.shape[d] > 1]
-    if expanded:
-        raise ValueError(f"images is an expanded tensor (stride 0 on dim {expanded[0]}): several of its elements share "
-                         f"one memory cell, so it cannot be mixed in place; pass images.contiguous(), or use "
-                         f"inplace=False")
-    if x.requires_grad and x.is_leaf and torch.is_grad_enabled():
-        raise ValueError("images is a leaf tensor that requires grad: autograd forbids changing it in place; use "
-                         "inplace=False (the gradient then reaches both partners), or pass images.detach()")
 
 
 def _paste_inplace(x: Tensor, perm: Tensor, box: Box, hdim: int, wdim: int) -> None:

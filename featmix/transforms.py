@@ -10,7 +10,7 @@ from . import functional as F
 from .arming import MixRecord
 from .sampling import MixSampler
 from .validation import (check_flag, check_images, check_label_range, check_label_smoothing, check_labels,
-                         check_num_classes)
+                         check_num_classes, check_writable)
 
 
 class CutMix(nn.Module):
@@ -40,6 +40,8 @@ class CutMix(nn.Module):
     def forward(self, images: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
         check_images(images)
         check_labels(labels, self.num_classes, images.shape[0], check_range=False)
+        if self.inplace:
+            check_writable(images)
         draw = self.sampler.draw(images.shape[0])
         targets = self._one_hot(labels, images.device)
         if not draw.mixed:

@@ -113,3 +113,15 @@ def check_label_range(labels: Tensor, num_classes: int, name: str = "labels") ->
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name} must be class indices in [0, {num_classes}) (num_classes="
                              f"{num_classes}); got values in [{lo}, {hi}]")
+
+
+def check_writable(x: Tensor, name: str = "images") -> None:
+    """``x`` can be mixed in place: no two elements share memory, and autograd allows the write."""
+    expanded = [d for d in range(x.dim()) if x.stride(d) == 0 and x.shape[d] > 1]
+    if expanded:
+        raise ValueError(f"{name} is an expanded tensor (stride 0 on dim {expanded[0]}): several of its elements share "
+                         f"one memory cell, so it cannot be mixed in place; pass {name}.contiguous(), or use "
+                         f"inplace=False")
+    if x.requires_grad and x.is_leaf and torch.is_grad_enabled():
+        raise ValueError(f"{name} is a leaf tensor that requires grad: autograd forbids changing it in place; use "
+                         f"inplace=False (the gradient then reaches both partners), or pass {name}.detach()")

@@ -156,12 +156,12 @@ class CutMixAt(nn.Module):
 
     def group_matcher(self, coarse: bool = False) -> Callable[[str], float]:
         """timm's layer grouping of the wrapped model, for this wrapper's parameter names."""
-        from timm.models import group_with_matcher  # only reached from timm's own helpers
+        from timm.models import group_parameters  # only reached from timm's own helpers
         from timm.optim import auto_group_layers
 
         inner = getattr(self.model, "group_matcher", None)
         if callable(inner):
-            layer_of = group_with_matcher(self.model.named_parameters(), inner(coarse=coarse), reverse=True)
+            layer_of = group_parameters(self.model, inner(coarse=coarse), reverse=True)
         else:
             layer_of = auto_group_layers(self.model)
         prefix = _MODEL + "."
