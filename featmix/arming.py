@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .layer import FeatureCutMix, find_sites
-from .sampling import MixDraw, MixSampler
+from .sampling import MixDraw, MixSampler, unpack_draw
 from .validation import check_label_smoothing, check_labels, check_num_classes
 
 
@@ -106,8 +106,8 @@ class MixPass:
         y = F.one_hot_targets(labels, num_classes, smoothing, dtype)
         if record is None:
             return y
-        buf = self.chosen._buf
-        return F.mix_targets(y, buf[:labels.shape[0]], record.weight)
+        perm, _, _ = unpack_draw(self.chosen.draw_buffer, labels.shape[0])
+        return F.mix_targets(y, perm, record.weight)
 
 
 class MixedBatch:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .placement import Placement, place_tensor
-from .sampling import MixDraw
+from .sampling import MixDraw, load_draw, unpack_draw
 
 try:  # torch >= 2.3
     from torch.compiler import is_compiling as _is_compiling
@@ -58,26 +58,24 @@ class FeatureCutMix(nn.Module):
         self.grid_fn: Optional[GridFn] = None   # token grid for an input size (dynamic-size ViTs)
         self._owner = None                      # the arming pass that drives this site
         self._draw: Optional[MixDraw] = None    # set on the chosen site only
-        self._buf: Optional[Tensor] = None      # int64 [perm, inverse perm, float64 bits of params]
+        self._variant, self._batch = "cutmix", 0  # the armed draw's variant and batch size
+        self._buf: Optional[Tensor] = None      # the draw on the device (``sampling.load_draw``)
         self._record: Optional[Placement] = None
 
     # -- driven by arming.py ----------------------------------------------------------------------
     def _arm(self, owner: object, draw: Optional[MixDraw], device: torch.device) -> None:
         self._owner, self._draw, self._record = owner, draw, None
         if draw is not None:
-            self._load(draw, device)
+            self._variant, self._batch = draw.variant, draw.perm.numel()
+            self._buf = load_draw(self._buf, draw, device)
+
+    @property
+    def draw_buffer(self) -> Optional[Tensor]:
+        """The device tensor that carries each step's draw; its storage is kept from step to step."""
+        return self._buf
 
     def _release(self) -> None:
         self._owner, self._draw, self._record = None, None, None
-
-    def _load(self, draw: MixDraw, device: torch.device) -> None:
-        """One host-to-device copy of the draw into a buffer that keeps its storage across steps."""
-        host = torch.cat([draw.perm, F.inverse_permutation(draw.perm), draw.params().view(torch.int64)])
-        if self._buf is None or self._buf.shape != host.shape or self._buf.device != device:
-            self._buf = torch.empty_like(host, device=device)
-        if device.type == "cuda":
-            host = host.pin_memory()
-        self._buf.copy_(host, non_blocking=True)
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -123,15 +121,13 @@ class FeatureCutMix(nn.Module):
         if self._record.grid != (m.shape[hdim], m.shape[wdim]):
             raise RuntimeError(f"the recomputed forward of {self._name()} gave a {m.shape[hdim]}x{m.shape[wdim]} map, "
                                f"the original forward {self._record.grid[0]}x{self._record.grid[1]}")
-        B = m.shape[0]
-        perm, inv = self._buf[:B], self._buf[B:2 * B]
+        perm, inv, _ = unpack_draw(self._buf, m.shape[0])
         return F.paste_box(m, perm, self._record.box, hdim, wdim, inv_perm=inv)
 
     def _paste_traced(self, m: Tensor, hdim: int, wdim: int) -> Tensor:
-        B = m.shape[0]
-        params = self._buf[2 * B:].view(torch.float64)
-        self._record = place_tensor(params, m.shape[hdim], m.shape[wdim], self._draw.variant)
-        return F.paste_box_masked(m, self._buf[:B], self._record.box, hdim, wdim)
+        perm, inv, params = unpack_draw(self._buf, m.shape[0])
+        self._record = place_tensor(params, m.shape[hdim], m.shape[wdim], self._variant)
+        return F.paste_box_masked(m, perm, self._record.box, hdim, wdim, inv_perm=inv)
 
     # -- checks -----------------------------------------------------------------------------------
     def _check(self, x: Tensor) -> None:
@@ -140,7 +136,7 @@ class FeatureCutMix(nn.Module):
         if x.dim() < 3:
             raise ValueError(f"FeatureCutMix needs a (B, C, H, W) map or (B, N, C) tokens; got shape "
                              f"{tuple(x.shape)} at {self._name()}")
-        batch = (self._buf.numel() - 3) // 2
+        batch = self._batch
         if x.shape[0] != batch:
             raise ValueError(f"the map at {self._name()} has batch size {x.shape[0]}, but the batch was drawn for "
                              f"{batch} labels: pass one label per image")

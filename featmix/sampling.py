@@ -47,6 +47,35 @@ class MixDraw:
         return torch.tensor([self.lam, self.center[0], self.center[1]], dtype=torch.float64)
 
 
+def load_draw(buf: Optional[torch.Tensor], draw: MixDraw, device: torch.device,
+              with_inverse: bool = True) -> torch.Tensor:
+    """The draw on ``device`` in one transfer: int64 ``[perm, inverse perm, float64 bits of params]``.
+
+    ``buf`` is reused when it has the right size and device, so its storage (``data_ptr``) stays the
+    same from step to step, as CUDA-graph replay needs; read it back with ``unpack_draw``.
+    """
+    parts = [draw.perm, inverse_permutation(draw.perm)] if with_inverse else [draw.perm]
+    host = torch.cat(parts + [draw.params().view(torch.int64)])
+    if buf is None or buf.shape != host.shape or buf.device != device:
+        buf = torch.empty_like(host, device=device)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return buf.copy_(host, non_blocking=True)
+
+
+def unpack_draw(buf: torch.Tensor, batch: int) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """(perm, inverse perm or None, float64 params) views of a ``load_draw`` buffer."""
+    inv = buf[batch:2 * batch] if buf.numel() == 2 * batch + 3 else None
+    return buf[:batch], inv, buf[-3:].view(torch.float64)
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """``inv`` with ``inv[perm[i]] = i``."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
+    return inv
+
+
 def check_generator(generator: object) -> Optional[torch.Generator]:
     if generator is None:
         return None

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .arming import MixRecord
-from .sampling import MixSampler
+from .sampling import MixSampler, load_draw, unpack_draw
 from .validation import (check_flag, check_images, check_label_range, check_label_smoothing, check_labels,
                          check_num_classes, check_writable)
 
@@ -36,6 +36,7 @@ class CutMix(nn.Module):
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.inplace = check_flag(inplace, "inplace")
         self.last_mix: Optional[MixRecord] = None
+        self.draw_buffer: Optional[Tensor] = None  # the draw on the images' device (storage kept across calls)
 
     def forward(self, images: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
         check_images(images)
@@ -48,9 +49,11 @@ class CutMix(nn.Module):
             self._set_last_mix(None)
             return images, targets
         where = draw.place(images.shape[-2], images.shape[-1])
-        perm = draw.perm.to(images.device, non_blocking=True)  # one transfer, for the paste and the targets
-        paste = F.paste_box_ if self.inplace else F.paste_box
-        images = paste(images, perm, where.box)
+        # one transfer into storage kept across calls, for the paste and the targets
+        self.__dict__["draw_buffer"] = load_draw(self.draw_buffer, draw, images.device, with_inverse=not self.inplace)
+        perm, inv, _ = unpack_draw(self.draw_buffer, images.shape[0])
+        images = F.paste_box_(images, perm, where.box) if self.inplace else F.paste_box(images, perm, where.box,
+                                                                                         inv_perm=inv)
         self._set_last_mix(MixRecord(0, where.grid, where.box, where.lam, where.weight))
         return images, F.mix_targets(targets, perm, where.weight)
 

@@ -126,3 +126,87 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert not torch.equal(r0["state"]["fc.weight"], TinyNet().fc.weight.detach()), "the steps trained"
     # each rank draws from its own generator: the mixes differ between ranks
     assert r0["records"] != r1["records"]
+
+
+# -- the GPU path's contract, checked on CPU: persistent draw buffers, bounded graphs, same gradients ----
+
+def test_draw_buffers_keep_their_storage_across_steps():
+    """CUDA-graph replay reads the draw from fixed addresses: the buffers are reused, never reallocated."""
+    w = featmix.CutMixAt(TinyNet(), layer=[0, 2, 3], generator=gen(0)).train()
+    cutmix = featmix.CutMix(10, generator=gen(1))
+    ptrs = {}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
+        cutmix(x, y)
+        ptrs.setdefault("cutmix", set()).add(cutmix.draw_buffer.data_ptr())
+        w(x, y)
+        site = next(s for s in w.sites if s.label == w.last_mix.layer)
+        ptrs.setdefault(site.label, set()).add(site.draw_buffer.data_ptr())
+    assert set(ptrs) == {"cutmix", 0, 2, 3}
+    assert all(len(p) == 1 for p in ptrs.values()), ptrs
+
+
+@pytest.mark.parametrize("variant,layer", [("cutmix", 2)] + [(v, "random") for v in featmix.VARIANTS])
+def test_one_graph_per_site_plus_one_unmixed_over_50_batches(variant, layer):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    kw = {"total_steps": 20} if variant == "scheduled" else {}
+    w = featmix.CutMixAt(TinyNet(), layer=layer, prob=0.5, variant=variant, generator=gen(2), **kw)
+    backend = CountingBackend()
+    compiled = torch.compile(w, backend=backend).train()
+    states, graphs_seen = set(), []
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        x, y = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
+        logits, targets = compiled(x, y)
+        F.cross_entropy(logits, targets).backward()
+        states.add(None if w.last_mix is None else w.last_mix.layer)
+        graphs_seen.append(backend.graphs)
+    assert None in states and len(states) == len(w.sites) + 1, states
+    assert backend.graphs == len(states), "one graph per mixing site plus one unmixed, none per batch"
+
+
+@pytest.mark.parametrize("layer", [0, 3, "random"])
+def test_compiled_outputs_and_gradients_equal_eager(layer):
+    def run(compile_: bool):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        net = TinyNet()
+        w = featmix.CutMixAt(net, layer=layer, prob=0.7, generator=gen(3)).train()
+        call = torch.compile(w, backend=CountingBackend()) if compile_ else w
+        g, out = torch.Generator().manual_seed(2), []
+        for _ in range(8):
+            x, y = torch.randn(6, 3, 16, 16, generator=g), torch.randint(0, 10, (6,), generator=g)
+            net.zero_grad()
+            logits, targets = call(x, y)
+            F.cross_entropy(logits, targets).backward()
+            out.append((logits.detach(), targets, [p.grad.clone() for p in net.parameters()]))
+        return out
+
+    for (la, ta, ga), (lb, tb, gb) in zip(run(True), run(False)):
+        torch.testing.assert_close(ta, tb, rtol=0, atol=1e-6)
+        torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_mixed_model_and_matches_eager():
+    """The real compiler (C++ on CPU): the gather paste lowers and gives the eager numbers."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = TinyNet()
+    ref = TinyNet()
+    ref.load_state_dict(net.state_dict())
+    wc = torch.compile(featmix.CutMixAt(net, layer=2, variant="fixed_size", generator=gen(4))).train()
+    we = featmix.CutMixAt(ref, layer=2, variant="fixed_size", generator=gen(4)).train()
+    x, y = torch.randn(4, 3, 16, 16, generator=gen(5)), torch.tensor([0, 1, 2, 3])
+    for _ in range(3):
+        (lc, tc), (le, te) = wc(x, y), we(x, y)
+        F.cross_entropy(lc, tc).backward()
+        F.cross_entropy(le, te).backward()
+        torch.testing.assert_close(lc, le, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(tc, te)
+    for a, b in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4)

@@ -52,9 +52,10 @@ def test_device_gradient_equals_the_cpu_gradient():
     perm = torch.randperm(shape[0], generator=gen(4))
     grads = []
     for dev in ("cpu", DEVICE):
-        x = x_cpu.to(dev).requires_grad_(True)
+        x = x_cpu.to(dev).clone().requires_grad_(True)  # a fresh leaf on each device (.to("cpu") is a no-op)
         (F.paste_box(x, perm, box) * w.to(dev)).sum().backward()
         grads.append(x.grad.cpu())
+    assert x_cpu.grad is None and not x_cpu.requires_grad
     assert torch.equal(grads[0], grads[1])
 
 

@@ -21,6 +21,7 @@ import torch
 
 import featmix
 import featmix.functional as F
+from featmix.kernels import cpu, gpu, graph, regions
 from featmix import MixDraw, MixSampler
 from tests.conftest import reference
 
@@ -49,7 +50,7 @@ def rand_perm(n: int, seed: int = 1) -> torch.Tensor:
 
 
 SMALL = (6, 3, 9, 11)
-# one sample's box here is >= F._CPU_GRAIN elements: paste_box_ takes the cycle walk on CPU
+# one sample's box here is >= cpu.GRAIN elements: paste_box_ takes the cycle walk on CPU
 LARGE = (5, 8, 70, 70)
 BOXES = {
     "interior": (2, 7, 3, 8),
@@ -94,13 +95,46 @@ def test_out_of_place_and_in_place_match_reference(shape, box, dtype):
 
 
 @pytest.mark.parametrize("shape,box", list(cases()))
-@pytest.mark.parametrize("writer", ["_write_once", "_write_copy_then_box", "_write_copy_then_walk", "_write_mixed"])
+@pytest.mark.parametrize("writer", ["regions.write_once", "cpu.write_copy_then_box", "cpu.write_copy_then_walk",
+                                    "cpu.write_mixed", "gpu.write_mixed"])
 def test_every_out_of_place_strategy_matches_reference(shape, box, writer):
-    """Both strategies are tested on CPU whichever the dispatcher would pick here (the GPU one too)."""
+    """Every strategy is tested on CPU whichever the dispatcher would pick here (the GPU one too)."""
     x = make(shape)
     perm = rand_perm(shape[0])
+    inv = F.inverse_permutation(perm)
     out = torch.full_like(x, float("nan"))  # anything left unwritten would show
-    getattr(F, writer)(out, x, F.inverse_permutation(perm), box, 2, 3)
+    module, name = writer.split(".")
+    fn = getattr({"regions": regions, "cpu": cpu, "gpu": gpu}[module], name)
+    if name == "write_mixed":
+        fn(out, x, perm, inv, box, 2, 3)
+    elif name == "write_copy_then_walk":
+        fn(out, x, perm, box, 2, 3)
+    else:
+        fn(out, x, inv, box, 2, 3)
+    assert torch.equal(out, reference(x, perm, box))
+
+
+@pytest.mark.parametrize("shape,box", list(cases()))
+@pytest.mark.parametrize("device_kernels", [cpu, gpu], ids=["cpu", "gpu"])
+def test_every_in_place_strategy_matches_reference(shape, box, device_kernels):
+    x = make(shape)
+    perm = rand_perm(shape[0])
+    want = reference(x, perm, box)
+    device_kernels.paste_in_place(x, perm, box, 2, 3)
+    assert torch.equal(x, want)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_graph_gather_keeps_the_layout_and_reads_from_the_source_sample(channels_last):
+    x = make((5, 4, 7, 9))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    perm, box = rand_perm(5), (1, 5, 2, 8)
+    src = graph.source_index(x, perm, torch.tensor(box), 2, 3)
+    assert src.shape == (5, 1, 7, 9) and torch.equal(src[:, 0, 0, 0], torch.arange(5))
+    assert torch.equal(src[:, 0, 2, 3], perm)
+    out = graph.gather_batch(x, src, *graph.batch_outer_order(x))
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert torch.equal(out, reference(x, perm, box))
 
 
@@ -122,8 +156,8 @@ def test_in_place_every_permutation_shape(shape, perm_kind):
 def test_in_place_takes_cycle_walk_only_for_large_boxes(monkeypatch):
     """The size switch is real: the cycle walk runs for the large shape and not for the small one."""
     calls = []
-    real = F._permute_cycles_
-    monkeypatch.setattr(F, "_permute_cycles_", lambda region, perm: (calls.append(region.shape), real(region, perm)))
+    real = cpu.permute_cycles_
+    monkeypatch.setattr(cpu, "permute_cycles_", lambda region, perm: (calls.append(region.shape), real(region, perm)))
     for shape in (SMALL, LARGE):
         x = make(shape)
         perm = rand_perm(shape[0])
@@ -138,8 +172,8 @@ def test_out_of_place_takes_cycle_walk_only_for_large_boxes_on_cpu(monkeypatch):
     """paste_box on CPU: the large interior box goes through the in-output cycle walk (forward and
     backward), the small one through the gather, and both still equal the reference."""
     calls = []
-    real = F._write_copy_then_walk
-    monkeypatch.setattr(F, "_write_copy_then_walk",
+    real = cpu.write_copy_then_walk
+    monkeypatch.setattr(cpu, "write_copy_then_walk",
                         lambda out, x, *a: (calls.append(tuple(x.shape)), real(out, x, *a)))
     for shape, box in ((SMALL, BOXES["interior"]), (LARGE, LARGE_BOXES["interior"])):
         x = make(shape).requires_grad_(True)
@@ -353,7 +387,7 @@ def test_cutmix_in_place_equals_out_of_place_and_reference(shape, dtype):
     box = oop.last_mix.box
     assert box[1] > box[0] and box[3] > box[2]
     box_elems = shape[1] * (box[1] - box[0]) * (box[3] - box[2])
-    assert (box_elems >= F._CPU_GRAIN) == (shape[2] == 160)  # the ids name the path really taken
+    assert (box_elems >= cpu.GRAIN) == (shape[2] == 160)  # the ids name the path really taken
     assert torch.equal(out, reference(before, perm, box))
 
     mixed, t_inp = inp(images, labels)

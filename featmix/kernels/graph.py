@@ -1,0 +1,71 @@
+"""The paste with the box as a tensor, for compiled graphs: one gather forward, one gather backward.
+
+Every output element is read once, from the sample it comes from: ``src[i]`` is ``perm[i]`` inside
+the box and ``i`` outside, so ``out = gather(x, 0, src)`` reads each element of ``x`` once (against
+two reads for ``where(mask, x[perm], x)``), and the gradient is the same gather with the inverse
+permutation (no scatter-add). Shapes are static and values live in tensors, so one graph serves
+every batch.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+
+def source_index(x: Tensor, perm: Tensor, box: Tensor, hdim: int, wdim: int) -> Tensor:
+    """int64, broadcastable to ``x``: the sample each element is read from (``perm[i]`` in the box, else ``i``)."""
+    B, H, W = x.shape[0], x.shape[hdim], x.shape[wdim]
+    ys = torch.arange(H, device=x.device)
+    xs = torch.arange(W, device=x.device)
+    inside = (((ys >= box[0]) & (ys < box[1])).view(_along(x, hdim, H))
+              & ((xs >= box[2]) & (xs < box[3])).view(_along(x, wdim, W)))
+    own = torch.arange(B, device=x.device).view(_along(x, 0, B))
+    return torch.where(inside, perm.view(_along(x, 0, B)), own)
+
+
+def _along(x: Tensor, dim: int, size: int) -> List[int]:
+    shape = [1] * x.dim()
+    shape[dim] = size
+    return shape
+
+
+def batch_outer_order(x: Tensor) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Dimension orders (to, back) that make ``x``'s layout contiguous with the batch outermost, or
+    ((), ()) when the batch is not outermost in memory (then the plain layout is used)."""
+    order = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+    if order[0] != 0:
+        return (), ()
+    return order, tuple(sorted(range(x.dim()), key=order.__getitem__))
+
+
+def gather_batch(x: Tensor, src: Tensor, to: Tuple[int, ...] = (), back: Tuple[int, ...] = ()) -> Tensor:
+    """``out[i, ...] = x[src[i, ...], ...]``, gathered in the order ``to`` (``x``'s memory layout)."""
+    if not to:
+        return torch.gather(x, 0, src.expand(x.shape))
+    return torch.gather(x.permute(to), 0, src.expand(x.shape).permute(to)).permute(back)
+
+
+class GatherPaste(torch.autograd.Function):
+    """``gather_batch(x, src)`` whose backward is ``gather_batch(grad, inv_src)`` (a permutation's adjoint)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, src: Tensor, inv_src: Tensor, to: Tuple[int, ...], back: Tuple[int, ...]) -> Tensor:
+        ctx.save_for_backward(inv_src)
+        ctx.to, ctx.back = to, back
+        return gather_batch(x, src, to, back)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inv_src,) = ctx.saved_tensors
+        return gather_batch(grad, inv_src, ctx.to, ctx.back), None, None, None, None
+
+
+def paste_masked(x: Tensor, perm: Tensor, inv_perm: Tensor, box: Tensor, hdim: int, wdim: int) -> Tensor:
+    """``x`` with the tensor ``box`` taken from ``x[perm]``; differentiable through ``GatherPaste``."""
+    src = source_index(x, perm, box, hdim, wdim)
+    to, back = batch_outer_order(x)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return gather_batch(x, src, to, back)
+    return GatherPaste.apply(x, src, source_index(x, inv_perm, box, hdim, wdim), to, back)
