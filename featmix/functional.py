@@ -44,11 +44,16 @@ def paste_box_(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1
     Only the box is read and written. A non-leaf that requires grad is recorded by autograd; a leaf
     that requires grad or an expanded tensor is a ``ValueError``, whatever the box.
     """
-    hdim, wdim = hdim % x.dim(), wdim % x.dim()
     check_writable(x, "x")
+    return _paste_checked_(x, perm, box, hdim % x.dim(), wdim % x.dim())
+
+
+def _paste_checked_(x: Tensor, perm: Tensor, box: Box, hdim: int, wdim: int) -> Tensor:
+    """``paste_box_`` once ``x`` is known to be writable (``CutMix`` checks before it draws)."""
     if _empty(box):
         return x
-    perm = perm.to(x.device, non_blocking=True)
+    if perm.device != x.device:
+        perm = perm.to(x.device, non_blocking=True)
     if torch.is_grad_enabled() and x.requires_grad:
         return _PasteBoxInPlace.apply(x, perm, inverse_permutation(perm), tuple(box), hdim, wdim)
     kernels.for_device(x.device).paste_in_place(x, perm, box, hdim, wdim)
@@ -81,7 +86,7 @@ def one_hot_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0,
 
 def mix_targets(targets: Tensor, perm: Tensor, weight: Union[float, Tensor]) -> Tensor:
     """``weight * y + (1 - weight) * y[perm]``; ``weight`` a float or a 0-d tensor (no host sync)."""
-    partner = targets.index_select(0, perm.to(targets.device, non_blocking=True))
+    partner = targets.index_select(0, perm if perm.device == targets.device else perm.to(targets.device))
     if isinstance(weight, Tensor):
         return partner.lerp(targets, weight.to(device=targets.device, dtype=targets.dtype))
     return partner.lerp(targets, float(weight))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -44,18 +45,26 @@ class MixDraw:
 
     def params(self) -> torch.Tensor:
         """float64 [lam, centre_y, centre_x]: what ``featmix.placement.place_tensor`` reads."""
-        return torch.tensor([self.lam, self.center[0], self.center[1]], dtype=torch.float64)
+        return torch.frombuffer(bytearray(struct.pack("<3d", self.lam, *self.center)), dtype=torch.float64)
+
+    def packed(self, inverse: bool = True, params: bool = True) -> torch.Tensor:
+        """The draw as one host int64 tensor: ``[perm, inverse perm, float64 bits of params]`` (parts optional)."""
+        parts = [self.perm]
+        if inverse:
+            parts.append(self.perm.argsort())  # the inverse of a permutation
+        if params:
+            parts.append(self.params().view(torch.int64))
+        return torch.cat(parts) if len(parts) > 1 else self.perm
 
 
-def load_draw(buf: Optional[torch.Tensor], draw: MixDraw, device: torch.device,
-              with_inverse: bool = True) -> torch.Tensor:
-    """The draw on ``device`` in one transfer: int64 ``[perm, inverse perm, float64 bits of params]``.
+def load_draw(buf: Optional[torch.Tensor], draw: MixDraw, device: torch.device, inverse: bool = True,
+              params: bool = True) -> torch.Tensor:
+    """``draw.packed(...)`` on ``device`` in one transfer, into ``buf`` when its size and device fit.
 
-    ``buf`` is reused when it has the right size and device, so its storage (``data_ptr``) stays the
-    same from step to step, as CUDA-graph replay needs; read it back with ``unpack_draw``.
+    Reusing ``buf`` keeps its storage (``data_ptr``) from step to step, as CUDA-graph replay needs; on
+    CUDA the host side is pinned, so the copy is asynchronous. Read it back with ``unpack_draw``.
     """
-    parts = [draw.perm, inverse_permutation(draw.perm)] if with_inverse else [draw.perm]
-    host = torch.cat(parts + [draw.params().view(torch.int64)])
+    host = draw.packed(inverse, params)
     if buf is None or buf.shape != host.shape or buf.device != device:
         buf = torch.empty_like(host, device=device)
     if device.type == "cuda":
@@ -63,17 +72,16 @@ def load_draw(buf: Optional[torch.Tensor], draw: MixDraw, device: torch.device,
     return buf.copy_(host, non_blocking=True)
 
 
-def unpack_draw(buf: torch.Tensor, batch: int) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """(perm, inverse perm or None, float64 params) views of a ``load_draw`` buffer."""
-    inv = buf[batch:2 * batch] if buf.numel() == 2 * batch + 3 else None
-    return buf[:batch], inv, buf[-3:].view(torch.float64)
+def unpack_draw(buf: torch.Tensor, batch: int, inverse: bool = True, params: bool = True
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(perm, inverse perm, float64 params) views of a ``load_draw`` buffer (None for parts left out)."""
+    inv = buf[batch:2 * batch] if inverse else None
+    return buf[:batch], inv, buf[-3:].view(torch.float64) if params else None
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     """``inv`` with ``inv[perm[i]] = i``."""
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
-    return inv
+    return perm.argsort()
 
 
 def check_generator(generator: object) -> Optional[torch.Generator]:

@@ -50,16 +50,19 @@ class CutMix(nn.Module):
             return images, targets
         where = draw.place(images.shape[-2], images.shape[-1])
         # one transfer into storage kept across calls, for the paste and the targets
-        self.__dict__["draw_buffer"] = load_draw(self.draw_buffer, draw, images.device, with_inverse=not self.inplace)
-        perm, inv, _ = unpack_draw(self.draw_buffer, images.shape[0])
-        images = F.paste_box_(images, perm, where.box) if self.inplace else F.paste_box(images, perm, where.box,
-                                                                                         inv_perm=inv)
+        inverse = not self.inplace  # the out-of-place kernel writes the box through the inverse permutation
+        self.__dict__["draw_buffer"] = load_draw(self.draw_buffer, draw, images.device, inverse, params=False)
+        perm, inv, _ = unpack_draw(self.draw_buffer, images.shape[0], inverse, params=False)
+        h, w = images.dim() - 2, images.dim() - 1
+        images = (F._paste_checked_(images, perm, where.box, h, w) if self.inplace
+                  else F.paste_box(images, perm, where.box, h, w, inv_perm=inv))
         self._set_last_mix(MixRecord(0, where.grid, where.box, where.lam, where.weight))
         return images, F.mix_targets(targets, perm, where.weight)
 
     def _one_hot(self, labels: Tensor, device: torch.device) -> Tensor:
         try:  # the scatter finds an index out of range; the range check then words the error
-            return F.one_hot_targets(labels.to(device), self.num_classes, self.label_smoothing)
+            labels = labels if labels.device == device else labels.to(device, non_blocking=True)
+            return F.one_hot_targets(labels, self.num_classes, self.label_smoothing)
         except RuntimeError:
             check_label_range(labels, self.num_classes)
             raise

@@ -117,7 +117,7 @@ def check_label_range(labels: Tensor, num_classes: int, name: str = "labels") ->
 
 def check_writable(x: Tensor, name: str = "images") -> None:
     """``x`` can be mixed in place: no two elements share memory, and autograd allows the write."""
-    expanded = [d for d in range(x.dim()) if x.stride(d) == 0 and x.shape[d] > 1]
+    expanded = [d for d, (st, n) in enumerate(zip(x.stride(), x.shape)) if st == 0 and n > 1]
     if expanded:
         raise ValueError(f"{name} is an expanded tensor (stride 0 on dim {expanded[0]}): several of its elements share "
                          f"one memory cell, so it cannot be mixed in place; pass {name}.contiguous(), or use "
