@@ -22,7 +22,9 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .layer import FeatureCutMix, find_sites
-from .sampling import MixDraw, MixSampler, unpack_draw
+from .placement import record_box
+from .sampling import MixDraw, MixSampler
+from .transfer import unpack_draw
 from .validation import check_label_smoothing, check_labels, check_num_classes
 
 
@@ -30,9 +32,10 @@ from .validation import check_label_smoothing, check_labels, check_num_classes
 class MixRecord:
     """What one batch's mixing did: where, on which grid, which box, and the corrected lam.
 
-    ``lam`` is the pasted-area-corrected weight of each sample's own image (``1 - box area / grid
-    area``); ``weight`` is the weight its own label gets in the targets (``lam``, or the variant's
-    rule). On the compiled path ``box``, ``lam`` and ``weight`` are tensors (no host sync).
+    ``lam`` is the weight of each sample's own image (``1 - box area / grid area``; Mixup's lam);
+    ``weight`` is the weight its own label gets in the targets (``lam``, or the variant's rule; 1 for
+    Cutout). ``box`` is None for Mixup. On the compiled path and for per-sample draws ``box``, ``lam``
+    and ``weight`` are tensors (per sample: ``box`` (B, 4), ``lam``/``weight`` (B,); no host sync).
     """
 
     layer: object
@@ -40,6 +43,7 @@ class MixRecord:
     box: object
     lam: object
     weight: object
+    kind: str = "cutmix"
 
 
 class MixPass:
@@ -75,7 +79,7 @@ class MixPass:
             raise RuntimeError(f"the mixing layer {site._name()} did not mix this batch: it did not run in the forward "
                                f"pass (it is not on the model's forward path), or the model was in eval mode (call "
                                f"model.train()); choose a module the forward calls")
-        return MixRecord(site.label, rec.grid, rec.box, rec.lam, rec.weight)
+        return MixRecord(site.label, rec.grid, record_box(rec.box), rec.lam, rec.weight, rec.kind)
 
     def abort(self) -> None:
         """Release every site this pass armed (after an exception): no draw outlives its forward."""
@@ -104,7 +108,7 @@ class MixPass:
                 dtype: torch.dtype) -> Tensor:
         """Soft targets for what the network saw, built from the record the site left."""
         y = F.one_hot_targets(labels, num_classes, smoothing, dtype)
-        if record is None:
+        if record is None or record.kind == "cutout":  # Cutout keeps the labels
             return y
         perm, _, _ = unpack_draw(self.chosen.draw_buffer, labels.shape[0])
         return F.mix_targets(y, perm, record.weight)

@@ -14,11 +14,15 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .kernels import graph
-from .sampling import inverse_permutation
+from .kernels import graph, regions
 from .validation import check_writable
 
 Box = Tuple[int, int, int, int]
+
+
+def inverse_permutation(perm: Tensor) -> Tensor:
+    """``inv`` with ``inv[perm[i]] = i``."""
+    return perm.argsort()
 
 
 def paste_box(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1,
@@ -70,6 +74,54 @@ def paste_box_masked(x: Tensor, perm: Tensor, box: Tensor, hdim: int = -2, wdim:
     return graph.paste_masked(x, perm, inv_perm, box.to(x.device), hdim, wdim)
 
 
+def erase_box(x: Tensor, box: Box, hdim: int = -2, wdim: int = -1) -> Tensor:
+    """New tensor: ``x`` with the box zeroed in every sample (Cutout); differentiable."""
+    hdim, wdim = hdim % x.dim(), wdim % x.dim()
+    if _empty(box):
+        return x
+    out = x.clone()
+    out[regions.box_index(x.dim(), hdim, wdim, box)] = 0
+    return out
+
+
+def erase_box_(x: Tensor, box: Box, hdim: int = -2, wdim: int = -1) -> Tensor:
+    """In place: the box of every sample of ``x`` zeroed; returns ``x``."""
+    check_writable(x, "x")
+    if not _empty(box):
+        x[regions.box_index(x.dim(), hdim % x.dim(), wdim % x.dim(), box)] = 0
+    return x
+
+
+def blend(x: Tensor, perm: Tensor, lam: Union[float, Tensor]) -> Tensor:
+    """New tensor: ``lam * x + (1 - lam) * x[perm]`` (Mixup); ``lam`` a float or broadcastable per sample."""
+    partner = x.index_select(0, perm if perm.device == x.device else perm.to(x.device))
+    return partner.lerp_(x, _weight_like(lam, x))
+
+
+def blend_(x: Tensor, perm: Tensor, lam: Union[float, Tensor]) -> Tensor:
+    """In place: ``x = lam * x + (1 - lam) * x[perm]``; returns ``x``."""
+    check_writable(x, "x")
+    partner = x.index_select(0, perm if perm.device == x.device else perm.to(x.device))
+    return x.lerp_(partner, 1.0 - _weight_like(lam, x))
+
+
+def paste_weighted(x: Tensor, perm: Tensor, own: Tensor, zero_partner: bool = False) -> Tensor:
+    """New tensor: ``own * x + (1 - own) * x[perm]`` with a weight map ``own`` broadcastable to ``x``
+    (per-sample boxes and lams); ``zero_partner``: ``own * x`` (Cutout)."""
+    own = own.to(x.dtype)
+    if zero_partner:
+        return x * own
+    partner = x.index_select(0, perm if perm.device == x.device else perm.to(x.device))
+    return partner.lerp_(x, own)
+
+
+def _weight_like(lam: Union[float, Tensor], x: Tensor) -> Union[float, Tensor]:
+    if not isinstance(lam, Tensor):
+        return float(lam)
+    lam = lam.to(device=x.device, dtype=x.dtype)
+    return lam.view([-1] + [1] * (x.dim() - 1)) if lam.dim() == 1 else lam
+
+
 def one_hot_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0,
                     dtype: torch.dtype = torch.float32) -> Tensor:
     """Class indices (B,) or soft targets (B, K) -> float (B, K), smoothed as timm/torch do:
@@ -85,11 +137,9 @@ def one_hot_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0,
 
 
 def mix_targets(targets: Tensor, perm: Tensor, weight: Union[float, Tensor]) -> Tensor:
-    """``weight * y + (1 - weight) * y[perm]``; ``weight`` a float or a 0-d tensor (no host sync)."""
+    """``weight * y + (1 - weight) * y[perm]``; ``weight`` a float, a 0-d tensor or one per sample (B,)."""
     partner = targets.index_select(0, perm if perm.device == targets.device else perm.to(targets.device))
-    if isinstance(weight, Tensor):
-        return partner.lerp(targets, weight.to(device=targets.device, dtype=targets.dtype))
-    return partner.lerp(targets, float(weight))
+    return partner.lerp(targets, _weight_like(weight, targets))
 
 
 def _empty(box: Box) -> bool:
@@ -133,4 +183,5 @@ class _PasteBoxInPlace(torch.autograd.Function):
     backward = staticmethod(_PasteBox.backward)
 
 
-__all__ = ["inverse_permutation", "paste_box", "paste_box_", "paste_box_masked", "one_hot_targets", "mix_targets"]
+__all__ = ["inverse_permutation", "paste_box", "paste_box_", "paste_box_masked", "erase_box", "erase_box_", "blend",
+           "blend_", "paste_weighted", "one_hot_targets", "mix_targets"]

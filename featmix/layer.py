@@ -19,9 +19,10 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import functional as F
-from .placement import Placement, place_tensor
-from .sampling import MixDraw, load_draw, unpack_draw
+from .paste import paste
+from .placement import Placement, Rule, place_tensor
+from .sampling import MixDraw
+from .transfer import load_draw, unpack_draw
 
 try:  # torch >= 2.3
     from torch.compiler import is_compiling as _is_compiling
@@ -59,6 +60,7 @@ class FeatureCutMix(nn.Module):
         self._owner = None                      # the arming pass that drives this site
         self._draw: Optional[MixDraw] = None    # set on the chosen site only
         self._variant, self._batch = "cutmix", 0  # the armed draw's variant and batch size
+        self._rule, self._per_sample = Rule(), False  # its placement rule (constants for compiled graphs)
         self._buf: Optional[Tensor] = None      # the draw on the device (``sampling.load_draw``)
         self._record: Optional[Placement] = None
 
@@ -67,6 +69,7 @@ class FeatureCutMix(nn.Module):
         self._owner, self._draw, self._record = owner, draw, None
         if draw is not None:
             self._variant, self._batch = draw.variant, draw.perm.numel()
+            self._rule, self._per_sample = draw.rule, draw.per_sample_kind
             self._buf = load_draw(self._buf, draw, device)
 
     @property
@@ -114,7 +117,10 @@ class FeatureCutMix(nn.Module):
         return paste(x, hdim, wdim)
 
     def _paste_new(self, m: Tensor, hdim: int, wdim: int) -> Tensor:
-        self._record = self._draw.place(m.shape[hdim], m.shape[wdim])
+        if self._draw.samples is None:  # a whole-batch draw: placed on the host, box as Python ints
+            self._record = self._draw.place(m.shape[hdim], m.shape[wdim])
+        else:  # one placement per sample: computed on the device from the transferred parameters
+            self._record = self._place_tensor(m, hdim, wdim)
         return self._paste_recorded(m, hdim, wdim)
 
     def _paste_recorded(self, m: Tensor, hdim: int, wdim: int) -> Tensor:
@@ -122,12 +128,16 @@ class FeatureCutMix(nn.Module):
             raise RuntimeError(f"the recomputed forward of {self._name()} gave a {m.shape[hdim]}x{m.shape[wdim]} map, "
                                f"the original forward {self._record.grid[0]}x{self._record.grid[1]}")
         perm, inv, _ = unpack_draw(self._buf, m.shape[0])
-        return F.paste_box(m, perm, self._record.box, hdim, wdim, inv_perm=inv)
+        return paste(m, self._record, perm, inv, hdim, wdim)
 
     def _paste_traced(self, m: Tensor, hdim: int, wdim: int) -> Tensor:
-        perm, inv, params = unpack_draw(self._buf, m.shape[0])
-        self._record = place_tensor(params, m.shape[hdim], m.shape[wdim], self._variant)
-        return F.paste_box_masked(m, perm, self._record.box, hdim, wdim, inv_perm=inv)
+        self._record = self._place_tensor(m, hdim, wdim)
+        perm, inv, _ = unpack_draw(self._buf, m.shape[0])
+        return paste(m, self._record, perm, inv, hdim, wdim)
+
+    def _place_tensor(self, m: Tensor, hdim: int, wdim: int) -> Placement:
+        _, _, params = unpack_draw(self._buf, m.shape[0])
+        return place_tensor(params, m.shape[hdim], m.shape[wdim], self._variant, self._rule, self._per_sample)
 
     # -- checks -----------------------------------------------------------------------------------
     def _check(self, x: Tensor) -> None:

@@ -1,36 +1,64 @@
-"""Where one batch's draw lands on one grid: the box, the corrected lam and the label weight.
+"""Where one batch's draw lands on one grid: the region, the corrected lam and the label weight.
 
-The rule is written once, in two forms side by side: ``place`` on Python numbers (the eager path:
-the box is known on the host, so pasting needs no device round trip) and ``place_tensor`` on
-tensors (the compiled path: values live in tensors, so no batch triggers a recompile). Both do the
-same float64 arithmetic with the reference code's truncation and clipping, so they give the same box.
+The rule is written once, in two forms side by side: ``place`` on Python numbers (the eager path of
+a whole-batch draw: the box is known on the host, so pasting needs no device round trip) and
+``place_tensor`` on tensors (compiled graphs, where values live in tensors so no batch recompiles,
+and per-sample draws, one column per sample). Both do the same float64 arithmetic with the
+reference code's truncation and clipping, so they give the same box.
+
+Kinds: ``cutmix`` (the partner's box; label weight = the area kept, or the drawn lam with
+``correct_lam=False``), ``mixup`` (the whole map blended with weight lam, no box), ``cutout`` (a box
+whose side is a fixed fraction of each side, ``cut``, zeroed around a uniform centre and clipped at the
+border, as DeVries & Taylor's code does; labels unchanged: weight 1).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 Box = Tuple[int, int, int, int]  # (y1, y2, x1, x2), half-open, on one grid
 Number = Union[float, Tensor]
+KINDS = ("cutmix", "mixup", "cutout", "cutmix_or_mixup")
+
+# rows of the float64 parameter vector (one column per sample for per-sample draws)
+LAM, CY, CX, CUT_H, CUT_W, IS_CUT = range(6)
+NUM_PARAMS = 6
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The fixed part of a draw's placement (the sampler's settings)."""
+
+    kind: str = "cutmix"              # cutmix, mixup or cutout (the CutMix-or-Mixup switch already resolved)
+    correct_lam: bool = True          # CutMix label weight = area kept (True) or the drawn lam
+    minmax: Optional[Tuple[float, float]] = None  # CutMix box side uniform in this range of each side
 
 
 @dataclass(frozen=True)
 class Placement:
     """A draw placed on an h x w grid.
 
-    ``lam`` is the weight of each sample's own image (``1 - pasted area / grid area``); ``weight``
-    is the weight its own label gets in the targets (``lam``, or the variant's rule). On the tensor
-    path ``box`` is an int64 (4,) tensor and ``lam``/``weight`` are float64 0-d tensors.
+    ``box``: (y1, y2, x1, x2) ints, an int64 tensor (4,) or (4, B), or None (Mixup). ``lam`` is the
+    weight of each sample's own image (``1 - pasted area / grid area``, Mixup's lam); ``weight`` is
+    the weight its own label gets in the targets. ``is_cut`` (per-sample CutMix-or-Mixup only) says
+    which samples got a box. On the tensor path ``lam``/``weight`` are float64 tensors.
     """
 
     grid: Tuple[int, int]
-    box: Union[Box, Tensor]
+    kind: str
+    box: Union[Box, Tensor, None]
     lam: Number
     weight: Number
+    is_cut: Optional[Tensor] = None
+
+
+def record_box(box: Union[Box, Tensor, None]) -> Union[Box, Tensor, None]:
+    """The box as records show it: per-sample boxes as (B, 4) rows of (y1, y2, x1, x2)."""
+    return box.t() if isinstance(box, Tensor) and box.dim() == 2 else box
 
 
 def label_weight(lam: Number, variant: str) -> Number:
@@ -48,48 +76,108 @@ def box_on_grid(lam: float, center: Tuple[float, float], h: int, w: int, variant
     ``center`` holds fractions in [0, 1) of each side. ``fixed_size`` keeps the half-side box wholly
     inside the grid (the paper's 16 x 16 on 32 x 32), its centre fraction placing the top-left corner.
     """
-    uy, ux = center
     if variant == "fixed_size":
-        cut_h, cut_w = h // 2, w // 2
-        y1 = min(int(uy * (h - cut_h + 1)), h - cut_h)
-        x1 = min(int(ux * (w - cut_w + 1)), w - cut_w)
-        return y1, y1 + cut_h, x1, x1 + cut_w
+        return inside_box((0.5, 0.5), center, h, w)
     rat = math.sqrt(1.0 - lam)
-    cut_h, cut_w = int(h * rat), int(w * rat)
-    cy, cx = min(int(uy * h), h - 1), min(int(ux * w), w - 1)
-    y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
-    x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
-    return y1, y2, x1, x2
+    return centred_box(int(h * rat), int(w * rat), center, h, w)
 
 
-def place(lam: float, center: Tuple[float, float], h: int, w: int, variant: str = "cutmix") -> Placement:
-    """The box on an h x w grid, the lam corrected to its area, and the variant's label weight."""
-    box = box_on_grid(lam, center, h, w, variant)
+def centred_box(cut_h: int, cut_w: int, center: Tuple[float, float], h: int, w: int) -> Box:
+    """A cut_h x cut_w box around an integer centre uniform on the grid, clipped at the border."""
+    cy, cx = min(int(center[0] * h), h - 1), min(int(center[1] * w), w - 1)
+    return max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h), max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+
+
+def inside_box(size: Tuple[float, float], corner: Tuple[float, float], h: int, w: int) -> Box:
+    """A box of ``int(side * size)`` placed wholly inside the grid; ``corner`` fractions pick the top-left."""
+    cut_h, cut_w = int(h * size[0]), int(w * size[1])
+    y1 = min(int(corner[0] * (h - cut_h + 1)), h - cut_h)
+    x1 = min(int(corner[1] * (w - cut_w + 1)), w - cut_w)
+    return y1, y1 + cut_h, x1, x1 + cut_w
+
+
+def minmax_fraction(u: float, side: int, minmax: Tuple[float, float]) -> float:
+    """timm's ``cutmix_minmax``: a side uniform over the integers [int(side * lo), int(side * hi))."""
+    lo, hi = int(side * minmax[0]), int(side * minmax[1])
+    return (lo + min(int(u * (hi - lo)), hi - lo - 1)) / side if hi > lo else lo / side
+
+
+def place(lam: float, center: Tuple[float, float], h: int, w: int, variant: str = "cutmix",
+          rule: Rule = Rule(), cut: Tuple[float, float] = (0.0, 0.0)) -> Placement:
+    """The region, corrected lam and label weight of a whole-batch draw on an h x w grid.
+
+    ``cut``: the Cutout box side as a fraction of each side, or the two uniforms of ``rule.minmax``.
+    """
+    kind = rule.kind
+    if kind == "mixup":
+        return Placement((h, w), kind, None, lam, label_weight(lam, variant))
+    if kind == "cutout":
+        box = centred_box(int(h * cut[0]), int(w * cut[1]), center, h, w)
+    elif rule.minmax is not None:
+        box = inside_box((minmax_fraction(cut[0], h, rule.minmax), minmax_fraction(cut[1], w, rule.minmax)),
+                         center, h, w)
+    else:
+        box = box_on_grid(lam, center, h, w, variant)
     y1, y2, x1, x2 = box
-    corrected = 1.0 - (y2 - y1) * (x2 - x1) / float(h * w)
-    return Placement((h, w), box, corrected, label_weight(corrected, variant))
+    kept = 1.0 - (y2 - y1) * (x2 - x1) / float(h * w)
+    if kind == "cutout":
+        return Placement((h, w), kind, box, kept, 1.0)
+    return Placement((h, w), kind, box, kept, label_weight(kept if rule.correct_lam else lam, variant))
 
 
-def box_tensor(params: Tensor, h: int, w: int, variant: str = "cutmix") -> Tensor:
-    """``box_on_grid`` on tensors: ``params`` = float64 [lam, centre_y, centre_x] -> int64 (4,)."""
-    lam, uy, ux = params[0], params[1], params[2]
-    if variant == "fixed_size":
-        ch, cw = h // 2, w // 2
-        y1 = torch.clamp(torch.floor(uy * (h - ch + 1)), max=h - ch)
-        x1 = torch.clamp(torch.floor(ux * (w - cw + 1)), max=w - cw)
-        return torch.stack([y1, y1 + ch, x1, x1 + cw]).long()
-    rat = torch.sqrt(1.0 - lam)
-    cut_h, cut_w = torch.floor(h * rat), torch.floor(w * rat)
-    cy = torch.clamp(torch.floor(uy * h), max=h - 1)
-    cx = torch.clamp(torch.floor(ux * w), max=w - 1)
+# -- the tensor twin ------------------------------------------------------------------------------
+
+def _centred_box_t(cut_h: Tensor, cut_w: Tensor, cy_f: Tensor, cx_f: Tensor, h: int, w: int) -> Tensor:
+    cy = torch.clamp(torch.floor(cy_f * h), max=h - 1)
+    cx = torch.clamp(torch.floor(cx_f * w), max=w - 1)
     hh, hw = torch.floor(cut_h / 2), torch.floor(cut_w / 2)
-    y1, y2 = torch.clamp(cy - hh, min=0), torch.clamp(cy + hh, max=h)
-    x1, x2 = torch.clamp(cx - hw, min=0), torch.clamp(cx + hw, max=w)
-    return torch.stack([y1, y2, x1, x2]).long()
+    return torch.stack([torch.clamp(cy - hh, min=0), torch.clamp(cy + hh, max=h),
+                        torch.clamp(cx - hw, min=0), torch.clamp(cx + hw, max=w)]).long()
 
 
-def place_tensor(params: Tensor, h: int, w: int, variant: str = "cutmix") -> Placement:
-    """``place`` on tensors (no host sync): the same box, corrected lam and label weight."""
-    box = box_tensor(params, h, w, variant)
-    corrected = 1.0 - ((box[1] - box[0]) * (box[3] - box[2])).to(torch.float64) / float(h * w)
-    return Placement((h, w), box, corrected, label_weight(corrected, variant))
+def _inside_box_t(cut_h: Tensor, cut_w: Tensor, uy: Tensor, ux: Tensor, h: int, w: int) -> Tensor:
+    y1 = torch.minimum(torch.floor(uy * (h - cut_h + 1)), h - cut_h)
+    x1 = torch.minimum(torch.floor(ux * (w - cut_w + 1)), w - cut_w)
+    return torch.stack([y1, y1 + cut_h, x1, x1 + cut_w]).long()
+
+
+def _minmax_t(u: Tensor, side: int, minmax: Tuple[float, float]) -> Tensor:
+    lo, hi = int(side * minmax[0]), int(side * minmax[1])
+    if hi <= lo:
+        return torch.full_like(u, float(lo))
+    return lo + torch.clamp(torch.floor(u * (hi - lo)), max=hi - lo - 1)
+
+
+def box_tensor(params: Tensor, h: int, w: int, variant: str = "cutmix", rule: Rule = Rule()) -> Tensor:
+    """The box of ``place`` on tensors: ``params`` (6,) or (6, B) float64 -> int64 (4,) or (4, B)."""
+    lam, cy, cx = params[LAM], params[CY], params[CX]
+    if rule.kind == "cutout":  # rows CUT_H/CUT_W hold the box side as a fraction (0: no box)
+        return _centred_box_t(torch.floor(h * params[CUT_H]), torch.floor(w * params[CUT_W]), cy, cx, h, w)
+    if rule.minmax is not None:
+        return _inside_box_t(_minmax_t(params[CUT_H], h, rule.minmax), _minmax_t(params[CUT_W], w, rule.minmax),
+                             cy, cx, h, w)
+    if variant == "fixed_size":
+        return _inside_box_t(torch.full_like(lam, float(h // 2)), torch.full_like(lam, float(w // 2)), cy, cx, h, w)
+    rat = torch.sqrt(1.0 - lam)
+    return _centred_box_t(torch.floor(h * rat), torch.floor(w * rat), cy, cx, h, w)
+
+
+def place_tensor(params: Tensor, h: int, w: int, variant: str = "cutmix", rule: Rule = Rule(),
+                 per_sample_kind: bool = False) -> Placement:
+    """``place`` on tensors (no host sync); ``params`` (6,) for a batch or (6, B), one column per sample.
+
+    ``per_sample_kind``: the CutMix-or-Mixup switch was drawn per sample (row ``IS_CUT``).
+    """
+    lam = params[LAM]
+    if rule.kind == "mixup":
+        return Placement((h, w), "mixup", None, lam, label_weight(lam, variant))
+    box = box_tensor(params, h, w, variant, rule)
+    kept = 1.0 - ((box[1] - box[0]) * (box[3] - box[2])).to(torch.float64) / float(h * w)
+    if rule.kind == "cutout":
+        return Placement((h, w), "cutout", box, kept, torch.ones_like(kept))
+    weight = label_weight(kept if rule.correct_lam else lam, variant)
+    if per_sample_kind:  # mixup samples keep their drawn lam and weight
+        is_cut = params[IS_CUT] > 0.5
+        return Placement((h, w), "cutmix_or_mixup", box, torch.where(is_cut, kept, lam),
+                         torch.where(is_cut, weight, label_weight(lam, variant)), is_cut)
+    return Placement((h, w), "cutmix", box, kept, weight)

@@ -1,11 +1,16 @@
-"""The per-batch draw: one gate, one lam, one box centre, one permutation (and one mixing site).
+"""The per-batch draw: gate, lam, box centre, permutation (and which site mixes, and which kind).
 
-Everything random about a CutMix batch is drawn here, once, on the host, from a CPU
+Everything random about a mixed batch is drawn here, once, on the host, from a CPU
 ``torch.Generator``. Drawing on the host keeps the same seed giving the same draws on CPU and GPU and
 means the box is known as Python integers without a device round trip. The draw does not know the
 grid it will be applied to: the box centre is stored as a fraction of each side and placed on
 whatever grid the mixing site has (``MixDraw.place``), which keeps the centre uniform on every grid,
 as the reference code's ``randint(0, H)`` is.
+
+``mode="batch"`` (the paper's): one lam and one box for the whole batch. ``mode="elem"``: each sample
+its own gate, lam, box (and CutMix-or-Mixup choice), as timm's ``mode='elem'``; ``mode="pair"``: the
+permutation pairs samples up, and both samples of a pair share one lam and box (each gets the other's
+region), as timm's ``mode='pair'``.
 """
 from __future__ import annotations
 
@@ -18,15 +23,22 @@ from typing import Optional, Tuple
 import torch
 from torch.utils.data import get_worker_info
 
-from .placement import Box, Placement, box_on_grid, place
-from .validation import check_int, check_real
+from .placement import (CUT_H, CUT_W, CX, CY, IS_CUT, KINDS, LAM, NUM_PARAMS, Box, Placement, Rule, box_on_grid,
+                        place, place_tensor)
+from .validation import check_flag, check_int, check_real
 
 VARIANTS = ("cutmix", "center_gaussian", "fixed_size", "scheduled", "one_hot", "complete_label")
+MODES = ("batch", "elem", "pair")
+_BOX_VARIANTS = ("center_gaussian", "fixed_size")
 
 
 @dataclass(frozen=True)
 class MixDraw:
-    """One batch's draw. ``mixed`` False means the batch trains unmixed (lam = 1)."""
+    """One batch's draw. ``mixed`` False means the batch trains unmixed (lam = 1).
+
+    ``samples`` (per-sample modes only): float64 (6, B), one column of placement parameters per sample
+    (rows as in ``featmix.placement``); the scalar fields then describe nothing.
+    """
 
     mixed: bool
     lam: float                   # the Beta draw before the box correction
@@ -34,18 +46,31 @@ class MixDraw:
     perm: torch.Tensor           # CPU int64 permutation: partner of sample i is sample perm[i]
     site: int                    # index of the one candidate site that mixes in this forward pass
     variant: str = "cutmix"
+    rule: Rule = Rule()          # kind (the per-batch switch resolved), label rule, box-size rule
+    cut: Tuple[float, float] = (0.0, 0.0)  # Cutout side fractions, or the uniforms of cutmix_minmax
+    samples: Optional[torch.Tensor] = None
+    per_sample_kind: bool = False  # samples' row IS_CUT chooses CutMix or Mixup per sample
+
+    @property
+    def kind(self) -> str:
+        return "cutmix_or_mixup" if self.per_sample_kind else self.rule.kind
 
     def place(self, h: int, w: int) -> Placement:
-        """Box, corrected lam and label weight on an h x w grid (``featmix.placement.place``)."""
-        return place(self.lam, self.center, h, w, self.variant)
+        """Region, corrected lam and label weight on an h x w grid (``featmix.placement``)."""
+        if self.samples is not None:
+            return place_tensor(self.samples, h, w, self.variant, self.rule, self.per_sample_kind)
+        return place(self.lam, self.center, h, w, self.variant, self.rule, self.cut)
 
     def box_on_grid(self, h: int, w: int) -> Box:
-        """The box alone on an h x w grid (reference rule: truncation, clipping)."""
+        """The CutMix box alone on an h x w grid (reference rule: truncation, clipping)."""
         return box_on_grid(self.lam, self.center, h, w, self.variant)
 
     def params(self) -> torch.Tensor:
-        """float64 [lam, centre_y, centre_x]: what ``featmix.placement.place_tensor`` reads."""
-        return torch.frombuffer(bytearray(struct.pack("<3d", self.lam, *self.center)), dtype=torch.float64)
+        """float64 parameters ``featmix.placement.place_tensor`` reads: (6,), or (6 * B,) per sample."""
+        if self.samples is not None:
+            return self.samples.flatten()
+        values = (self.lam, *self.center, *self.cut, float(self.rule.kind == "cutmix"))
+        return torch.frombuffer(bytearray(struct.pack("<6d", *values)), dtype=torch.float64)
 
     def packed(self, inverse: bool = True, params: bool = True) -> torch.Tensor:
         """The draw as one host int64 tensor: ``[perm, inverse perm, float64 bits of params]`` (parts optional)."""
@@ -55,33 +80,6 @@ class MixDraw:
         if params:
             parts.append(self.params().view(torch.int64))
         return torch.cat(parts) if len(parts) > 1 else self.perm
-
-
-def load_draw(buf: Optional[torch.Tensor], draw: MixDraw, device: torch.device, inverse: bool = True,
-              params: bool = True) -> torch.Tensor:
-    """``draw.packed(...)`` on ``device`` in one transfer, into ``buf`` when its size and device fit.
-
-    Reusing ``buf`` keeps its storage (``data_ptr``) from step to step, as CUDA-graph replay needs; on
-    CUDA the host side is pinned, so the copy is asynchronous. Read it back with ``unpack_draw``.
-    """
-    host = draw.packed(inverse, params)
-    if buf is None or buf.shape != host.shape or buf.device != device:
-        buf = torch.empty_like(host, device=device)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return buf.copy_(host, non_blocking=True)
-
-
-def unpack_draw(buf: torch.Tensor, batch: int, inverse: bool = True, params: bool = True
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(perm, inverse perm, float64 params) views of a ``load_draw`` buffer (None for parts left out)."""
-    inv = buf[batch:2 * batch] if inverse else None
-    return buf[:batch], inv, buf[-3:].view(torch.float64) if params else None
-
-
-def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
-    """``inv`` with ``inv[perm[i]] = i``."""
-    return perm.argsort()
 
 
 def check_generator(generator: object) -> Optional[torch.Generator]:
@@ -102,6 +100,25 @@ def _worker_seed(base: int, worker_seed: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def _check_choice(value: object, name: str, choices: Tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(v) for v in choices)}; got {value!r}")
+    return value
+
+
+def _check_minmax(value: object) -> Optional[Tuple[float, float]]:
+    if value is None:
+        return None
+    ok = isinstance(value, (tuple, list)) and len(value) == 2
+    if ok:
+        lo, hi = (check_real(v, "cutmix_minmax", 0.0, 1.0) for v in value)
+        ok = lo < hi
+    if not ok:
+        raise ValueError(f"cutmix_minmax must be None or (min, max) fractions of each side with 0 <= min < max <= 1, "
+                         f"got {value!r}")
+    return lo, hi
+
+
 class MixSampler:
     """Draws one ``MixDraw`` per training batch; holds the only mutable state (the schedule step).
 
@@ -110,9 +127,15 @@ class MixSampler:
     with the same seed that differ only in ``prob`` see the same lam/box/permutation stream. In a
     DataLoader worker a seeded generator is reseeded once from its seed and the worker's seed (which
     torch derives per worker and per epoch), so workers draw different, reproducible streams.
+
+    ``kind``: ``"cutmix"``, ``"mixup"``, ``"cutout"`` or ``"cutmix_or_mixup"`` (CutMix with chance
+    ``switch_prob``, else Mixup with ``mixup_alpha``, as timm's ``Mixup``); ``alpha`` is the Beta
+    parameter of the kind's own lam (CutMix's for ``cutmix_or_mixup``).
     """
 
-    def __init__(self, alpha: float = 1.0, prob: float = 1.0, variant: str = "cutmix", *,
+    def __init__(self, alpha: float = 1.0, prob: float = 1.0, variant: str = "cutmix", *, kind: str = "cutmix",
+                 mode: str = "batch", mixup_alpha: float = 1.0, switch_prob: float = 0.5, cutout_size: float = 0.5,
+                 cutmix_minmax: Optional[Tuple[float, float]] = None, correct_lam: bool = True,
                  total_steps: Optional[int] = None, center_std: float = 0.25,
                  generator: Optional[torch.Generator] = None) -> None:
         self.variant = variant
@@ -120,12 +143,32 @@ class MixSampler:
         if self.variant == "scheduled" and self.total_steps is None:
             raise ValueError("variant='scheduled' needs total_steps= (an int > 0: the number of training "
                              "steps over which prob ramps from 0 to its value)")
+        self.kind = _check_choice(kind, "kind", KINDS)
+        self.mode = _check_choice(mode, "mode", MODES)
+        self._check_kind_fits_variant()
         self.alpha = alpha
+        self.mixup_alpha = mixup_alpha
         self.prob = prob
+        self.switch_prob = check_real(switch_prob, "switch_prob", 0.0, 1.0, meaning="chance of CutMix over Mixup")
+        self.cutout_size = check_real(cutout_size, "cutout_size", 0.0, 1.0, low_open=True,
+                                      meaning="Cutout box side as a fraction of each side")
+        self.cutmix_minmax = _check_minmax(cutmix_minmax)
+        self.correct_lam = check_flag(correct_lam, "correct_lam")
         self.center_std = center_std
         self.generator = check_generator(generator)
         self.step = 0  # batches drawn so far: drives variant="scheduled"
         self._reseeded_for: Optional[int] = None  # the DataLoader worker seed this copy was reseeded for
+        self._rules = {k: Rule(k, self.correct_lam, self.cutmix_minmax if k == "cutmix" else None)
+                       for k in ("cutmix", "mixup", "cutout")}  # fixed objects: compiled graphs guard on them
+        self._rule = self._rules["cutmix" if self.kind == "cutmix_or_mixup" else self.kind]
+
+    def _check_kind_fits_variant(self) -> None:
+        if self.kind == "mixup" and self.variant in _BOX_VARIANTS:
+            raise ValueError(f"variant={self.variant!r} places a box, and kind='mixup' has none: use kind='cutmix' "
+                             f"or 'cutmix_or_mixup', or a label/schedule variant")
+        if self.kind == "cutout" and self.variant in ("one_hot", "complete_label", "fixed_size"):
+            raise ValueError(f"variant={self.variant!r} changes the box size or the labels, and kind='cutout' has a "
+                             f"fixed box (cutout_size=) and keeps the labels")
 
     @property
     def alpha(self) -> float:
@@ -135,6 +178,15 @@ class MixSampler:
     def alpha(self, value: float) -> None:
         self._alpha = check_real(value, "alpha", 0.0, math.inf, low_open=True, meaning="lam ~ Beta(alpha, alpha)")
         self._conc = torch.full((2,), self._alpha, dtype=torch.float64)  # Beta(a, a) as Dirichlet(a, a)
+
+    @property
+    def mixup_alpha(self) -> float:
+        return self._mixup_alpha
+
+    @mixup_alpha.setter
+    def mixup_alpha(self, value: float) -> None:
+        self._mixup_alpha = check_real(value, "mixup_alpha", 0.0, math.inf, low_open=True,
+                                       meaning="Mixup's lam ~ Beta(mixup_alpha, mixup_alpha)")
 
     @property
     def prob(self) -> float:
@@ -160,9 +212,7 @@ class MixSampler:
 
     @variant.setter
     def variant(self, value: str) -> None:
-        if value not in VARIANTS:
-            raise ValueError(f"variant must be one of {', '.join(repr(v) for v in VARIANTS)}; got {value!r}")
-        self._variant = value
+        self._variant = _check_choice(value, "variant", VARIANTS)
 
     @property
     def total_steps(self) -> Optional[int]:
@@ -184,14 +234,58 @@ class MixSampler:
         p = self.current_prob()
         self.step += 1
         u = torch.rand(5, generator=g, dtype=torch.float64).tolist()  # gate, centre y, x, site, lam
-        lam = self._beta(g, u[4])
+        lam = self._beta(g, u[4], self._alpha, self._conc)
         perm = torch.randperm(batch_size, generator=g)
         center = self._center(u[1], u[2], g)
         if self.variant == "fixed_size":
             lam = 0.75
         site = min(int(u[3] * num_sites), num_sites - 1)
         mixed = bool(u[0] < p) and batch_size > 1
-        return MixDraw(mixed=mixed, lam=lam, center=center, perm=perm, site=site, variant=self.variant)
+        draw = MixDraw(mixed=mixed, lam=lam, center=center, perm=perm, site=site, variant=self.variant,
+                       rule=self._rule)
+        if self.mode != "batch":
+            return self._per_sample(draw, batch_size, p, g)
+        if self.kind == "cutmix" and self.cutmix_minmax is None:
+            return draw  # the paper's draw: nothing more
+        return self._batch_extras(draw, g)
+
+    def _batch_extras(self, draw: MixDraw, g: Optional[torch.Generator]) -> MixDraw:
+        """Cutout's size, cutmix_minmax's uniforms and the per-batch CutMix-or-Mixup switch."""
+        if self.kind == "cutout":
+            return _replace(draw, cut=(self.cutout_size, self.cutout_size))
+        if self.kind == "mixup":
+            return draw
+        v = torch.rand(4, generator=g, dtype=torch.float64).tolist()  # switch, cut h, cut w, Mixup's lam
+        if self.kind == "cutmix_or_mixup" and not v[0] < self.switch_prob:
+            lam = self._beta(g, v[3], self._mixup_alpha, None)
+            return _replace(draw, lam=lam, rule=self._rules["mixup"])
+        return _replace(draw, cut=(v[1], v[2]))
+
+    def _per_sample(self, draw: MixDraw, batch: int, p: float, g: Optional[torch.Generator]) -> MixDraw:
+        """Per-sample gate, lam, centre, cut and kind (``mode='elem'``/``'pair'``), as float64 (6, B)."""
+        u = torch.rand(6, batch, generator=g, dtype=torch.float64)  # gate, y, x, cut h, cut w, switch
+        rows = torch.empty(NUM_PARAMS, batch, dtype=torch.float64)
+        rows[LAM] = self._beta_vec(g, u[0], self._alpha)
+        rows[CY], rows[CX] = self._center_vec(u[1], u[2], g)
+        rows[CUT_H], rows[CUT_W] = u[3], u[4]
+        is_cut = torch.full((batch,), float(self.kind != "mixup"), dtype=torch.float64)
+        if self.kind == "cutmix_or_mixup":
+            is_cut = (torch.rand(batch, generator=g, dtype=torch.float64) < self.switch_prob).to(torch.float64)
+            rows[LAM] = torch.where(is_cut > 0, rows[LAM], self._beta_vec(g, u[5], self._mixup_alpha))
+        rows[IS_CUT] = is_cut
+        if self.variant == "fixed_size":
+            rows[LAM] = 0.75
+        gate = torch.rand(batch, generator=g, dtype=torch.float64) < p
+        perm = draw.perm
+        if self.mode == "pair":
+            perm, firsts, seconds = _pairing(draw.perm)
+            rows[:, seconds] = rows[:, firsts]
+            gate[seconds] = gate[firsts]
+        rows[LAM] = torch.where(gate, rows[LAM], torch.ones_like(rows[LAM]))  # an unmixed sample keeps itself
+        if self.kind == "cutout":
+            rows[CUT_H] = rows[CUT_W] = torch.where(gate, self.cutout_size, 0.0)
+        return _replace(draw, perm=perm, samples=rows, per_sample_kind=self.kind == "cutmix_or_mixup",
+                        mixed=bool(gate.any()) and batch > 1)
 
     def _stream(self) -> Optional[torch.Generator]:
         """The generator to draw from; in a DataLoader worker, reseeded once for that worker."""
@@ -215,13 +309,30 @@ class MixSampler:
             return cy, cx
         return uy, ux
 
-    def _beta(self, g: Optional[torch.Generator], u: float) -> float:
+    def _center_vec(self, uy: torch.Tensor, ux: torch.Tensor, g: Optional[torch.Generator]):
+        if self.variant == "center_gaussian":
+            z = torch.randn(2, uy.numel(), generator=g, dtype=torch.float64)
+            c = (0.5 + self.center_std * z).clamp(0.0, math.nextafter(1.0, 0.0))
+            return c[0], c[1]
+        return uy, ux
+
+    @staticmethod
+    def _beta(g: Optional[torch.Generator], u: float, alpha: float, conc: Optional[torch.Tensor]) -> float:
         # Beta(1, 1) is Uniform(0, 1): the paper's alpha = 1 takes the uniform already drawn. Otherwise
         # Beta(a, a) is the first coordinate of Dirichlet(a, a): torch.distributions.Beta takes no
         # generator, the Dirichlet kernel does (and handles small alpha without 0/0).
-        if self._alpha == 1.0:
+        if alpha == 1.0:
             return u
-        return torch._sample_dirichlet(self._conc, generator=g).tolist()[0]
+        if conc is None:
+            conc = torch.full((2,), alpha, dtype=torch.float64)
+        return torch._sample_dirichlet(conc, generator=g).tolist()[0]
+
+    @staticmethod
+    def _beta_vec(g: Optional[torch.Generator], u: torch.Tensor, alpha: float) -> torch.Tensor:
+        if alpha == 1.0:
+            return u
+        conc = torch.full((u.numel(), 2), alpha, dtype=torch.float64)
+        return torch._sample_dirichlet(conc, generator=g)[:, 0]
 
     def state_dict(self) -> dict:
         return {"step": self.step}
@@ -231,5 +342,22 @@ class MixSampler:
 
     def __repr__(self) -> str:
         extra = f", total_steps={self.total_steps}" if self.total_steps else ""
-        return (f"MixSampler(alpha={self.alpha}, prob={self.prob}, variant={self.variant!r}{extra}, "
+        kind = f", kind={self.kind!r}" if self.kind != "cutmix" else ""
+        mode = f", mode={self.mode!r}" if self.mode != "batch" else ""
+        return (f"MixSampler(alpha={self.alpha}, prob={self.prob}, variant={self.variant!r}{kind}{mode}{extra}, "
                 f"step={self.step})")
+
+
+def _replace(draw: MixDraw, **changes: object) -> MixDraw:
+    fields = dict(draw.__dict__)
+    fields.update(changes)
+    return MixDraw(**fields)
+
+
+def _pairing(order: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A permutation that swaps the samples ``order[0], order[1]``, ``order[2], order[3]``, ... (an odd one
+    out keeps itself), and the first and second members of each pair."""
+    firsts, seconds = order[0:len(order) - 1:2], order[1::2]
+    perm = torch.arange(len(order))
+    perm[firsts], perm[seconds] = seconds, firsts
+    return perm, firsts, seconds

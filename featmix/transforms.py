@@ -1,76 +1,120 @@
-"""``CutMix``: the input-level batch transform, a drop-in for ``torchvision.transforms.v2.CutMix``."""
+"""Input-level batch transforms: ``CutMix``, ``Mixup``, ``Cutout`` and ``CutMixOrMixup``.
+
+They take every call form of ``torchvision.transforms.v2.CutMix``/``MixUp`` for batches: ``t(images,
+labels)``, ``t(batch)`` for the DataLoader's ``[images, labels]``, dict and tuple samples with a
+``labels_getter`` (torchvision's default heuristic), extra items passed through unchanged,
+``tv_tensors.Image``/``Video`` kept (a video's frames share one box). They also work as timm's
+``mixup_fn``: ``mixup_enabled = False`` passes batches through with plain targets, and
+``from_timm_args`` maps timm's ``Mixup`` arguments.
+"""
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
 from .arming import MixRecord
-from .sampling import MixSampler, load_draw, unpack_draw
-from .validation import (check_flag, check_images, check_label_range, check_label_smoothing, check_labels,
+from .paste import paste
+from .placement import place_tensor, record_box
+from .sampling import MixSampler
+from .transfer import load_draw, unpack_draw
+from .validation import (InputTypeError, check_flag, check_label_range, check_label_smoothing, check_labels,
                          check_num_classes, check_writable)
 
+LabelsGetter = Union[str, Callable[[Any], Any], None]
 
-class CutMix(nn.Module):
-    """CutMix a batch: ``images, targets = cutmix(images, labels)``.
 
-    One draw per call (gate, lam, box, permutation), the box on the image grid with the reference
-    code's rule and the label weight corrected to the pasted area. ``labels`` are class indices (B,)
-    or soft/multi-hot targets (B, num_classes); ``targets`` are float (B, num_classes) for
-    ``F.cross_entropy(logits, targets)``. By default the caller's tensor is left untouched;
-    ``inplace=True`` mixes it in place (only the box is written: the fastest path).
+class _BatchMix(nn.Module):
+    """The shared machinery of the input-level transforms (see the module docstring)."""
 
-    ``last_mix`` holds the ``MixRecord`` of the latest call (None when it was not mixed). The schedule
-    step of ``variant="scheduled"`` is part of ``state_dict()``.
-    """
-
-    def __init__(self, num_classes: int, alpha: float = 1.0, prob: float = 1.0, variant: str = "cutmix",
-                 label_smoothing: float = 0.0, generator: Optional[torch.Generator] = None,
-                 total_steps: Optional[int] = None, inplace: bool = False, center_std: float = 0.25) -> None:
+    def __init__(self, num_classes: Optional[int], label_smoothing: float, inplace: bool,
+                 labels_getter: LabelsGetter, **sampler_kwargs: Any) -> None:
         super().__init__()
-        self.num_classes = check_num_classes(num_classes)
-        self.sampler = MixSampler(alpha, prob, variant, total_steps=total_steps, center_std=center_std,
-                                  generator=generator)
+        self.num_classes = None if num_classes is None else check_num_classes(num_classes)
+        self.sampler = MixSampler(**sampler_kwargs)
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.inplace = check_flag(inplace, "inplace")
+        self.labels_getter = _labels_getter(labels_getter)
+        self.mixup_enabled = True  # timm's train.py sets it to False at --mixup-off-epoch
         self.last_mix: Optional[MixRecord] = None
         self.draw_buffer: Optional[Tensor] = None  # the draw on the images' device (storage kept across calls)
 
-    def forward(self, images: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
-        check_images(images)
-        check_labels(labels, self.num_classes, images.shape[0], check_range=False)
-        if self.inplace:
-            check_writable(images)
+    def forward(self, *inputs: Any) -> Any:
+        if len(inputs) == 2 and type(inputs[0]) is Tensor and type(inputs[1]) is Tensor:
+            return self._mix(*inputs)  # the common call, without the search below
+        sample = inputs if len(inputs) > 1 else inputs[0]
+        _reject_unsupported(sample)
+        labels = self.labels_getter(sample)
+        images = _find_images(sample, labels)
+        plain = images.as_subclass(Tensor) if type(images) is not Tensor else images
+        mixed, targets = self._mix(plain, labels)
+        if type(images) is not Tensor:
+            mixed = images if mixed is plain else mixed.as_subclass(type(images))
+        return _swap(sample, {id(images): mixed, id(labels): targets})
+
+    def _mix(self, images: Tensor, labels: Optional[Tensor]) -> Tuple[Tensor, Any]:
+        """Mix one batch: (images, targets), with the draw, placement and paste of the sampler's kind."""
+        num_classes = self._check(images, labels)
+        if not self.mixup_enabled:
+            return images, self._targets(labels, num_classes, images.device)
         draw = self.sampler.draw(images.shape[0])
-        targets = self._one_hot(labels, images.device)
+        targets = self._targets(labels, num_classes, images.device)
         if not draw.mixed:
-            self._set_last_mix(None)
+            self._set("last_mix", None)
             return images, targets
-        where = draw.place(images.shape[-2], images.shape[-1])
-        # one transfer into storage kept across calls, for the paste and the targets
-        inverse = not self.inplace  # the out-of-place kernel writes the box through the inverse permutation
-        self.__dict__["draw_buffer"] = load_draw(self.draw_buffer, draw, images.device, inverse, params=False)
-        perm, inv, _ = unpack_draw(self.draw_buffer, images.shape[0], inverse, params=False)
-        h, w = images.dim() - 2, images.dim() - 1
-        images = (F._paste_checked_(images, perm, where.box, h, w) if self.inplace
-                  else F.paste_box(images, perm, where.box, h, w, inv_perm=inv))
-        self._set_last_mix(MixRecord(0, where.grid, where.box, where.lam, where.weight))
+        per_sample = draw.samples is not None
+        inverse = draw.kind == "cutmix" and not (self.inplace and not per_sample)
+        self._set("draw_buffer", load_draw(self.draw_buffer, draw, images.device, inverse, params=per_sample))
+        perm, inv, params = unpack_draw(self.draw_buffer, images.shape[0], inverse, params=per_sample)
+        h, w = images.shape[-2:]
+        where = (place_tensor(params, h, w, draw.variant, draw.rule, draw.per_sample_kind) if per_sample
+                 else draw.place(h, w))
+        images = paste(images, where, perm, inv, images.dim() - 2, images.dim() - 1, self.inplace)
+        self._set("last_mix", MixRecord(0, where.grid, record_box(where.box), where.lam, where.weight, where.kind))
+        if where.kind == "cutout" or not isinstance(targets, Tensor) or targets.dim() != 2:
+            return images, targets
         return images, F.mix_targets(targets, perm, where.weight)
 
-    def _one_hot(self, labels: Tensor, device: torch.device) -> Tensor:
+    def _check(self, images: object, labels: object) -> Optional[int]:
+        """Validate the batch once; the class count (from num_classes or 2-D labels)."""
+        _check_images(images, floating=self.sampler.kind in ("mixup", "cutmix_or_mixup"))
+        if self.inplace:
+            check_writable(images)
+        if labels is None and self.sampler.kind == "cutout":
+            return None
+        if not isinstance(labels, Tensor):
+            raise InputTypeError(f"labels must be a torch.Tensor: class indices (B,) or targets (B, num_classes); "
+                                 f"got {type(labels).__name__}")
+        num_classes = self.num_classes
+        if num_classes is None and labels.dim() == 2:
+            num_classes = labels.shape[1]
+        if num_classes is None and self.sampler.kind != "cutout":
+            raise ValueError(f"num_classes must be passed when labels are class indices (shape {tuple(labels.shape)}); "
+                             f"it may be None only for (B, num_classes) targets")
+        if num_classes is not None:
+            check_labels(labels, num_classes, images.shape[0], check_range=False)
+        elif labels.shape[:1] != images.shape[:1]:
+            raise ValueError(f"labels must have one entry per image: batch size {images.shape[0]}, got "
+                             f"{labels.shape[0]} labels")
+        return num_classes
+
+    def _targets(self, labels: Optional[Tensor], num_classes: Optional[int], device: torch.device) -> Any:
+        if num_classes is None:  # Cutout without classes: the labels as they came
+            return labels
+        labels = labels if labels.device == device else labels.to(device, non_blocking=True)
         try:  # the scatter finds an index out of range; the range check then words the error
-            labels = labels if labels.device == device else labels.to(device, non_blocking=True)
-            return F.one_hot_targets(labels, self.num_classes, self.label_smoothing)
+            return F.one_hot_targets(labels, num_classes, self.label_smoothing)
         except RuntimeError:
-            check_label_range(labels, self.num_classes)
+            check_label_range(labels, num_classes)
             raise
 
-    def _set_last_mix(self, record: Optional[MixRecord]) -> None:
-        # A plain attribute: nn.Module.__setattr__'s parameter/buffer/module bookkeeping costs ~10 us
-        # a call, a measurable share of the whole transform on small batches.
-        self.__dict__["last_mix"] = record
+    def _set(self, name: str, value: Any) -> None:
+        # A plain attribute: nn.Module.__setattr__'s parameter/buffer/module bookkeeping costs ~10 us a
+        # call, a measurable share of the whole transform on small batches.
+        self.__dict__[name] = value
 
     def get_extra_state(self) -> Any:
         return self.sampler.state_dict()
@@ -80,5 +124,184 @@ class CutMix(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.sampler
-        return (f"num_classes={self.num_classes}, alpha={s.alpha}, prob={s.prob}, variant={s.variant!r}, "
-                f"label_smoothing={self.label_smoothing}, inplace={self.inplace}")
+        return (f"num_classes={self.num_classes}, kind={s.kind!r}, alpha={s.alpha}, prob={s.prob}, "
+                f"variant={s.variant!r}, mode={s.mode!r}, label_smoothing={self.label_smoothing}, "
+                f"inplace={self.inplace}")
+
+
+class CutMix(_BatchMix):
+    """CutMix a batch: ``images, targets = cutmix(images, labels)`` (and torchvision's other call forms).
+
+    One draw per call (gate, lam, box, permutation), the box on the image grid with the reference
+    code's rule and the label weight corrected to the pasted area (``correct_lam``). ``labels`` are
+    class indices (B,) or soft/multi-hot targets (B, num_classes); ``targets`` are float (B,
+    num_classes). ``inplace=True`` mixes the caller's tensor in place (only the box is written).
+    ``mode="elem"``/``"pair"``: a box per sample (timm's modes). ``last_mix`` holds the latest
+    ``MixRecord`` (None when not mixed); the ``scheduled`` step is part of ``state_dict()``.
+    """
+
+    def __init__(self, num_classes: Optional[int] = None, alpha: float = 1.0, prob: float = 1.0,
+                 variant: str = "cutmix", label_smoothing: float = 0.0, generator: Optional[torch.Generator] = None,
+                 total_steps: Optional[int] = None, inplace: bool = False, center_std: float = 0.25, *,
+                 mode: str = "batch", correct_lam: bool = True, cutmix_minmax: Optional[Tuple[float, float]] = None,
+                 labels_getter: LabelsGetter = "default") -> None:
+        super().__init__(num_classes, label_smoothing, inplace, labels_getter, alpha=alpha, prob=prob,
+                         variant=variant, kind="cutmix", mode=mode, correct_lam=correct_lam,
+                         cutmix_minmax=cutmix_minmax, total_steps=total_steps, center_std=center_std,
+                         generator=generator)
+
+    @staticmethod
+    def from_timm_args(**timm_kwargs: Any) -> _BatchMix:
+        """The transform timm's ``Mixup(**timm_kwargs)`` describes (see ``featmix.from_timm_args``)."""
+        return from_timm_args(**timm_kwargs)
+
+
+class Mixup(_BatchMix):
+    """Mixup a batch: ``lam * x + (1 - lam) * x[perm]``, targets with the same lam (no box, no correction)."""
+
+    def __init__(self, num_classes: Optional[int] = None, alpha: float = 1.0, prob: float = 1.0,
+                 label_smoothing: float = 0.0, generator: Optional[torch.Generator] = None, inplace: bool = False, *,
+                 mode: str = "batch", variant: str = "cutmix", total_steps: Optional[int] = None,
+                 labels_getter: LabelsGetter = "default") -> None:
+        super().__init__(num_classes, label_smoothing, inplace, labels_getter, alpha=alpha, prob=prob,
+                         variant=variant, kind="mixup", mode=mode, total_steps=total_steps, generator=generator)
+
+
+class Cutout(_BatchMix):
+    """Cutout: a box of ``size`` of each side zeroed (centre uniform, clipped at the border), labels unchanged.
+
+    The paper's CIFAR setting, 16 x 16 on 32 x 32, is ``size=0.5``. With ``num_classes`` the labels come
+    back as one-hot (smoothed) targets, like the other transforms; without, as they came.
+    """
+
+    def __init__(self, size: float = 0.5, prob: float = 1.0, num_classes: Optional[int] = None,
+                 label_smoothing: float = 0.0, generator: Optional[torch.Generator] = None, inplace: bool = False, *,
+                 mode: str = "batch", variant: str = "cutmix", center_std: float = 0.25,
+                 total_steps: Optional[int] = None, labels_getter: LabelsGetter = "default") -> None:
+        super().__init__(num_classes, label_smoothing, inplace, labels_getter, prob=prob, variant=variant,
+                         kind="cutout", mode=mode, cutout_size=size, center_std=center_std,
+                         total_steps=total_steps, generator=generator)
+
+
+class CutMixOrMixup(_BatchMix):
+    """timm's recipe: each batch (or each sample, ``mode="elem"``) gets CutMix with chance ``switch_prob``,
+    else Mixup, each with its own alpha."""
+
+    def __init__(self, num_classes: Optional[int] = None, cutmix_alpha: float = 1.0, mixup_alpha: float = 1.0,
+                 switch_prob: float = 0.5, prob: float = 1.0, label_smoothing: float = 0.0,
+                 generator: Optional[torch.Generator] = None, inplace: bool = False, *, mode: str = "batch",
+                 correct_lam: bool = True, cutmix_minmax: Optional[Tuple[float, float]] = None,
+                 labels_getter: LabelsGetter = "default") -> None:
+        super().__init__(num_classes, label_smoothing, inplace, labels_getter, alpha=cutmix_alpha,
+                         mixup_alpha=mixup_alpha, switch_prob=switch_prob, prob=prob, kind="cutmix_or_mixup",
+                         mode=mode, correct_lam=correct_lam, cutmix_minmax=cutmix_minmax, generator=generator)
+
+
+def from_timm_args(mixup_alpha: float = 1.0, cutmix_alpha: float = 0.0,
+                   cutmix_minmax: Optional[Tuple[float, float]] = None, prob: float = 1.0, switch_prob: float = 0.5,
+                   mode: str = "batch", correct_lam: bool = True, label_smoothing: float = 0.1,
+                   num_classes: int = 1000, generator: Optional[torch.Generator] = None) -> _BatchMix:
+    """The featmix transform for ``timm.data.Mixup``'s arguments (same names and defaults, label
+    smoothing 0.1 included): CutMix, Mixup, or CutMixOrMixup when both alphas are > 0."""
+    if cutmix_minmax is not None:
+        cutmix_alpha = 1.0  # timm: a min/max box size enables CutMix and replaces its alpha
+    common = dict(prob=prob, label_smoothing=label_smoothing, generator=generator, mode=mode)
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        return CutMixOrMixup(num_classes, cutmix_alpha, mixup_alpha, switch_prob, correct_lam=correct_lam,
+                             cutmix_minmax=cutmix_minmax, **common)
+    if cutmix_alpha > 0:
+        return CutMix(num_classes, cutmix_alpha, correct_lam=correct_lam, cutmix_minmax=cutmix_minmax, **common)
+    if mixup_alpha > 0:
+        return Mixup(num_classes, mixup_alpha, **common)
+    raise ValueError(f"timm's Mixup needs mixup_alpha > 0, cutmix_alpha > 0 or cutmix_minmax; got mixup_alpha="
+                     f"{mixup_alpha}, cutmix_alpha={cutmix_alpha}, cutmix_minmax={cutmix_minmax}")
+
+
+# -- torchvision's call forms -----------------------------------------------------------------------
+
+def _labels_getter(getter: LabelsGetter) -> Callable[[Any], Any]:
+    if getter == "default":
+        return _default_labels
+    if getter is None:
+        return lambda sample: None
+    if callable(getter):
+        return getter
+    raise ValueError(f"labels_getter must be 'default', a callable or None, got {getter!r}")
+
+
+def _default_labels(sample: Any) -> Any:
+    """torchvision's documented heuristic: the second item of a tuple/list, or a label-like dict key."""
+    if isinstance(sample, (tuple, list)):
+        if len(sample) < 2:
+            raise ValueError(f"expected (images, labels) or a sample whose second item holds the labels; got a "
+                             f"{type(sample).__name__} of {len(sample)} item(s)")
+        sample = sample[1]
+    if not isinstance(sample, Mapping):
+        return sample  # the labels (checked to be a tensor with the images)
+    keys = [k for k in sample if isinstance(k, str)]
+    key = next((k for k in keys if k.lower() == "labels"), None) or next((k for k in keys if "label" in k.lower()), None)
+    if key is None:
+        raise ValueError(f"no label-like key in the sample (keys: {list(sample)}): pass labels_getter=")
+    return sample[key]
+
+
+def _leaves(obj: Any):
+    if isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _leaves(v)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _leaves(v)
+    else:
+        yield obj
+
+
+def _find_images(sample: Any, labels: Any) -> Tensor:
+    """The tv_tensors Image/Video of the sample, else its first plain tensor that is not the labels."""
+    leaves = [x for x in _leaves(sample) if isinstance(x, Tensor) and x is not labels]
+    typed = [x for x in leaves if type(x).__name__ in ("Image", "Video") and _from_torchvision(x)]
+    if len(typed) > 1:
+        raise ValueError(f"the sample holds {len(typed)} images/videos; one batch of images per call is expected")
+    found = typed or [x for x in leaves if type(x) is Tensor]
+    if not found:
+        first = sample[0] if isinstance(sample, (tuple, list)) and sample else sample
+        raise InputTypeError(f"images must be a torch.Tensor of shape (B, C, H, W) (or a tv_tensors.Image/Video); "
+                             f"found none in the sample (first item: {type(first).__name__})")
+    return found[0]
+
+
+def _reject_unsupported(sample: Any) -> None:
+    for x in _leaves(sample):
+        name = type(x).__name__
+        if (_from_torchvision(x) and name in ("BoundingBoxes", "Mask", "KeyPoints")) or \
+                type(x).__module__.startswith("PIL"):
+            raise ValueError(f"batch mixing does not support PIL images, bounding boxes, keypoints or masks; the "
+                             f"sample holds a {name}")
+
+
+def _from_torchvision(x: object) -> bool:
+    return type(x).__module__.startswith("torchvision")
+
+
+def _swap(obj: Any, new: Dict[int, Any]) -> Any:
+    """``obj`` with the leaves whose id is in ``new`` replaced (same containers, same order)."""
+    if id(obj) in new:
+        return new[id(obj)]
+    if isinstance(obj, Mapping):
+        return type(obj)((k, _swap(v, new)) for k, v in obj.items())
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_swap(v, new) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_swap(v, new) for v in obj)
+    return obj
+
+
+def _check_images(images: object, floating: bool) -> None:
+    if not isinstance(images, Tensor):
+        raise InputTypeError(f"images must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
+    if floating and not images.is_floating_point():
+        raise InputTypeError(f"images must be a floating-point tensor for Mixup (it blends pixels); got {images.dtype}: "
+                        f"convert with e.g. torchvision.transforms.v2.ToDtype(torch.float32, scale=True) first")
+    if images.dim() not in (4, 5):
+        raise ValueError(f"images must have 4 dimensions (B, C, H, W) (5 for video: B, T, C, H, W); got shape "
+                         f"{tuple(images.shape)}")

@@ -15,6 +15,10 @@ import torch
 from torch import Tensor
 
 
+class InputTypeError(TypeError, ValueError):
+    """A batch input of the wrong type: a ``TypeError``, and a ``ValueError`` as torchvision raises for it."""
+
+
 def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -61,9 +65,9 @@ def check_flag(value: object, name: str) -> bool:
 
 def check_images(images: object, name: str = "images") -> Tensor:
     if not isinstance(images, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
     if not images.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float32/float16/bfloat16/float64); got "
+        raise InputTypeError(f"{name} must be a floating-point tensor (float32/float16/bfloat16/float64); got "
                         f"{images.dtype}: convert uint8 images with e.g. "
                         f"torchvision.transforms.v2.ToDtype(torch.float32, scale=True) first")
     if images.dim() != 4:
@@ -79,11 +83,11 @@ def check_labels(labels: object, num_classes: int, batch_size: Optional[int], na
     find a bad index and then calls ``check_label_range`` for the message: one op fewer per batch).
     """
     if not isinstance(labels, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor: class indices (B,) or targets (B, num_classes); got "
+        raise InputTypeError(f"{name} must be a torch.Tensor: class indices (B,) or targets (B, num_classes); got "
                         f"{type(labels).__name__}")
     if labels.dim() == 1:
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"{name} of shape (B,) must hold integer class indices (int64); got {labels.dtype}")
+            raise InputTypeError(f"{name} of shape (B,) must hold integer class indices (int64); got {labels.dtype}")
         if check_range:
             check_label_range(labels, num_classes, name)
     elif labels.dim() == 2:
@@ -91,7 +95,7 @@ def check_labels(labels: object, num_classes: int, batch_size: Optional[int], na
             if labels.shape[1] == 1 and num_classes != 1:
                 raise ValueError(f"{name} of shape {tuple(labels.shape)} holds one class index per row: squeeze it "
                                  f"to shape (B,) with {name}.squeeze(1) (or pass float (B, {num_classes}) targets)")
-            raise TypeError(f"{name} of shape (B, num_classes) must be a floating-point tensor of soft or "
+            raise InputTypeError(f"{name} of shape (B, num_classes) must be a floating-point tensor of soft or "
                             f"multi-hot targets; got {labels.dtype}")
         if labels.shape[1] != num_classes:
             raise ValueError(f"{name} of shape (B, K) must have K = num_classes = {num_classes}; got shape "

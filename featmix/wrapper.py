@@ -39,7 +39,9 @@ class CutMixAt(nn.Module):
     ``layer``: an int index (0 input, 1 after the stem, 2 after stage 1, ...), a module name, a list of
     them or ``"random"`` (one chosen per batch: Feature CutMix), or None to use the
     ``featmix.FeatureCutMix`` layers already inside ``model``. One draw per batch; the targets use the
-    lam corrected to the box pasted on the chosen layer's own grid.
+    lam corrected to the box pasted on the chosen layer's own grid. ``kind`` chooses what the layer
+    does (``"mixup"`` at ``layer="random"`` is Manifold Mixup; ``"cutout"``, ``"cutmix_or_mixup"``), and
+    ``mode="elem"``/``"pair"`` draws per sample; see ``featmix.MixSampler``.
 
     ``sampler`` holds the draw state (the step of ``variant="scheduled"``: save
     ``wrapper.sampler.state_dict()`` beside the model's to resume a schedule). ``last_mix`` records
@@ -49,14 +51,18 @@ class CutMixAt(nn.Module):
     def __init__(self, model: nn.Module, layer: LayerSpec = 0, alpha: float = 1.0, prob: float = 1.0,
                  variant: str = "cutmix", num_classes: Optional[int] = None, label_smoothing: float = 0.0,
                  generator: Optional[torch.Generator] = None, total_steps: Optional[int] = None,
-                 center_std: float = 0.25) -> None:
+                 center_std: float = 0.25, *, kind: str = "cutmix", mode: str = "batch", mixup_alpha: float = 1.0,
+                 switch_prob: float = 0.5, cutout_size: float = 0.5, correct_lam: bool = True,
+                 cutmix_minmax: Optional[Tuple[float, float]] = None) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(model, CutMixAt):
             raise TypeError("model is already a featmix.CutMixAt: wrap the plain model once (several candidate layers "
                             "go in one wrapper: layer=[1, 3] or layer='random')")
-        self.sampler = MixSampler(alpha, prob, variant, total_steps=total_steps, center_std=center_std,
+        self.sampler = MixSampler(alpha, prob, variant, kind=kind, mode=mode, mixup_alpha=mixup_alpha,
+                                  switch_prob=switch_prob, cutout_size=cutout_size, correct_lam=correct_lam,
+                                  cutmix_minmax=cutmix_minmax, total_steps=total_steps, center_std=center_std,
                                   generator=generator)
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.num_classes = check_num_classes(num_classes if num_classes is not None else infer_num_classes(model))

@@ -37,18 +37,26 @@ def test_bad_mix_arguments_for_every_entry_point(kwargs, exc, pattern):
             featmix.MixSampler(**sampler_kwargs)
 
 
-@pytest.mark.parametrize("num_classes", [0, -3, 2.5, None, True])
+@pytest.mark.parametrize("num_classes", [0, -3, 2.5, True])
 def test_bad_num_classes(num_classes):
     with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
         featmix.CutMix(num_classes=num_classes)
+
+
+def test_num_classes_none_needs_two_dimensional_labels():
+    c = featmix.CutMix(generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"num_classes must be passed when labels are class indices \(shape \(4,\)\)"):
+        c(IMAGES, LABELS)
+    _, targets = c(IMAGES, torch.eye(4))
+    torch.testing.assert_close(targets.sum(1), torch.ones(4))
 
 
 def test_bad_images():
     c = featmix.CutMix(num_classes=4)
     with pytest.raises(ValueError, match=r"images must have 4 dimensions \(B, C, H, W\)"):
         c(torch.randn(3, 8, 8), LABELS[:3])
-    with pytest.raises(TypeError, match="images must be a floating-point tensor"):
-        c(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), LABELS)
+    with pytest.raises(TypeError, match="images must be a floating-point tensor for Mixup"):
+        featmix.Mixup(4)(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), LABELS)
     with pytest.raises(TypeError, match="images must be a torch.Tensor"):
         c([[1.0]], LABELS)
 

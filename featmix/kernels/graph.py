@@ -14,20 +14,36 @@ import torch
 from torch import Tensor
 
 
-def source_index(x: Tensor, perm: Tensor, box: Tensor, hdim: int, wdim: int) -> Tensor:
-    """int64, broadcastable to ``x``: the sample each element is read from (``perm[i]`` in the box, else ``i``)."""
-    B, H, W = x.shape[0], x.shape[hdim], x.shape[wdim]
+def inside_mask(x: Tensor, box: Tensor, hdim: int, wdim: int) -> Tensor:
+    """bool, broadcastable to ``x``: inside the box; ``box`` (4,) for the batch or (4, B) per sample."""
+    H, W = x.shape[hdim], x.shape[wdim]
     ys = torch.arange(H, device=x.device)
     xs = torch.arange(W, device=x.device)
-    inside = (((ys >= box[0]) & (ys < box[1])).view(_along(x, hdim, H))
-              & ((xs >= box[2]) & (xs < box[3])).view(_along(x, wdim, W)))
+    if box.dim() == 1:
+        return (((ys >= box[0]) & (ys < box[1])).view(_along(x, hdim, H))
+                & ((xs >= box[2]) & (xs < box[3])).view(_along(x, wdim, W)))
+    B = box.shape[1]
+    rows = (ys >= box[0].view(B, 1)) & (ys < box[1].view(B, 1))  # (B, H)
+    cols = (xs >= box[2].view(B, 1)) & (xs < box[3].view(B, 1))  # (B, W)
+    return rows.view(_along2(x, hdim, H)) & cols.view(_along2(x, wdim, W))
+
+
+def source_index(x: Tensor, perm: Tensor, box: Tensor, hdim: int, wdim: int) -> Tensor:
+    """int64, broadcastable to ``x``: the sample each element is read from (``perm[i]`` in the box, else ``i``)."""
+    B = x.shape[0]
     own = torch.arange(B, device=x.device).view(_along(x, 0, B))
-    return torch.where(inside, perm.view(_along(x, 0, B)), own)
+    return torch.where(inside_mask(x, box, hdim, wdim), perm.view(_along(x, 0, B)), own)
 
 
 def _along(x: Tensor, dim: int, size: int) -> List[int]:
     shape = [1] * x.dim()
     shape[dim] = size
+    return shape
+
+
+def _along2(x: Tensor, dim: int, size: int) -> List[int]:
+    shape = _along(x, dim, size)
+    shape[0] = x.shape[0]
     return shape
 
 

@@ -1,0 +1,37 @@
+"""A batch's draw on the device: one small transfer into storage that is kept from step to step."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .sampling import MixDraw
+
+
+def load_draw(buf: Optional[Tensor], draw: MixDraw, device: torch.device, inverse: bool = True,
+              params: bool = True) -> Tensor:
+    """``draw.packed(...)`` on ``device`` in one transfer, into ``buf`` when its size and device fit.
+
+    Reusing ``buf`` keeps its storage (``data_ptr``) from step to step, as CUDA-graph replay needs; on
+    CUDA the host side is pinned, so the copy is asynchronous. Read it back with ``unpack_draw``.
+    """
+    host = draw.packed(inverse, params)
+    if buf is None or buf.shape != host.shape or buf.device != device:
+        buf = torch.empty_like(host, device=device)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return buf.copy_(host, non_blocking=True)
+
+
+def unpack_draw(buf: Tensor, batch: int, inverse: bool = True, params: bool = True
+                ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(perm, inverse perm, float64 params) views of a ``load_draw`` buffer (None for parts left out).
+
+    Params come back as (6,) for a whole-batch draw and (6, B) for a per-sample one.
+    """
+    inv = buf[batch:2 * batch] if inverse else None
+    if not params:
+        return buf[:batch], inv, None
+    rest = buf[(2 if inverse else 1) * batch:].view(torch.float64)
+    return buf[:batch], inv, rest if rest.numel() == 6 else rest.view(6, batch)
