@@ -23,8 +23,22 @@ from typing import Optional, Tuple
 import torch
 from torch.utils.data import get_worker_info
 
-from .placement import (CUT_H, CUT_W, CX, CY, IS_CUT, KINDS, LAM, NUM_PARAMS, Box, Placement, Rule, box_on_grid,
-                        place, place_tensor)
+from .placement import (
+    CUT_H,
+    CUT_W,
+    CX,
+    CY,
+    IS_CUT,
+    KINDS,
+    LAM,
+    NUM_PARAMS,
+    Box,
+    Placement,
+    Rule,
+    box_on_grid,
+    place,
+    place_tensor,
+)
 from .validation import check_flag, check_int, check_real
 
 VARIANTS = ("cutmix", "center_gaussian", "fixed_size", "scheduled", "one_hot", "complete_label")

@@ -21,8 +21,15 @@ from .paste import paste
 from .placement import place_tensor, record_box
 from .sampling import MixSampler
 from .transfer import load_draw, unpack_draw
-from .validation import (InputTypeError, check_flag, check_label_range, check_label_smoothing, check_labels,
-                         check_num_classes, check_writable)
+from .validation import (
+    InputTypeError,
+    check_flag,
+    check_label_range,
+    check_label_smoothing,
+    check_labels,
+    check_num_classes,
+    check_writable,
+)
 
 LabelsGetter = Union[str, Callable[[Any], Any], None]
 
@@ -239,7 +246,8 @@ def _default_labels(sample: Any) -> Any:
     if not isinstance(sample, Mapping):
         return sample  # the labels (checked to be a tensor with the images)
     keys = [k for k in sample if isinstance(k, str)]
-    key = next((k for k in keys if k.lower() == "labels"), None) or next((k for k in keys if "label" in k.lower()), None)
+    key = next((k for k in keys if k.lower() == "labels"), None)
+    key = key or next((k for k in keys if "label" in k.lower()), None)
     if key is None:
         raise ValueError(f"no label-like key in the sample (keys: {list(sample)}): pass labels_getter=")
     return sample[key]
@@ -300,8 +308,9 @@ def _check_images(images: object, floating: bool) -> None:
     if not isinstance(images, Tensor):
         raise InputTypeError(f"images must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
     if floating and not images.is_floating_point():
-        raise InputTypeError(f"images must be a floating-point tensor for Mixup (it blends pixels); got {images.dtype}: "
-                        f"convert with e.g. torchvision.transforms.v2.ToDtype(torch.float32, scale=True) first")
+        raise InputTypeError(f"images must be a floating-point tensor for Mixup (it blends pixels); got "
+                             f"{images.dtype}: convert with e.g. torchvision.transforms.v2.ToDtype(torch.float32, "
+                             f"scale=True) first")
     if images.dim() not in (4, 5):
         raise ValueError(f"images must have 4 dimensions (B, C, H, W) (5 for video: B, T, C, H, W); got shape "
                          f"{tuple(images.shape)}")

@@ -189,7 +189,8 @@ class CutMixAt(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.sampler
-        return f"layer={self.layer!r}, alpha={s.alpha}, prob={s.prob}, variant={s.variant!r}, num_classes={self.num_classes}"
+        return (f"layer={self.layer!r}, kind={s.kind!r}, alpha={s.alpha}, prob={s.prob}, variant={s.variant!r}, "
+                f"num_classes={self.num_classes}")
 
 
 class _MixHook:

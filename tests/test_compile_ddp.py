@@ -110,7 +110,8 @@ def _ddp_worker(rank: int, world: int, port: int, result_dir: str) -> None:
             loss.backward()
             opt.step()
             records.append(wrapper.last_mix)
-        torch.save({"state": dict(net.named_parameters()), "records": [(r.layer, r.box) if r else None for r in records]},
+        boxes = [(r.layer, r.box) if r else None for r in records]
+        torch.save({"state": dict(net.named_parameters()), "records": boxes},
                    os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -15,7 +15,6 @@ import torch.nn.functional as TF
 
 import featmix
 import featmix.functional as F
-
 from tests.conftest import TinyNet, gen, reference
 
 DEVICE = os.environ.get("FEATMIX_TEST_DEVICE", "cuda")

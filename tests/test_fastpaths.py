@@ -21,8 +21,8 @@ import torch
 
 import featmix
 import featmix.functional as F
-from featmix.kernels import cpu, gpu, graph, regions
 from featmix import MixDraw, MixSampler
+from featmix.kernels import cpu, gpu, graph, regions
 from tests.conftest import reference
 
 Box = Tuple[int, int, int, int]

@@ -119,7 +119,8 @@ def test_gradients_reach_both_partners_and_match_reference(channels_last):
     torch.testing.assert_close(gx, gref, rtol=0, atol=0)
     # sample perm[0] = 3 receives gradient inside the box from sample 0
     assert torch.equal(gx[3, :, 2:7, 3:11], g[0, :, 2:7, 3:11])
-    assert torch.autograd.gradcheck(lambda t: FM.paste_box(t, perm, box), (x[:, :1, :, :4].detach().clone().requires_grad_(),))
+    small = x[:, :1, :, :4].detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: FM.paste_box(t, perm, box), (small,))
 
 
 def test_safe_after_inplace_relu_and_gradients_flow():

@@ -123,7 +123,8 @@ def test_elem_mode_gives_each_sample_its_own_box_and_weight():
             assert float(rec.weight[i]) == pytest.approx(1 - area / (H * W))
             if found != (0, 0, 0, 0):
                 j = int(out[i, 0, box[0], box[2]])
-                assert targets[i, i] == pytest.approx(1 - area / (H * W)) and targets[i, j] == pytest.approx(area / (H * W))
+                assert targets[i, i] == pytest.approx(1 - area / (H * W))
+                assert targets[i, j] == pytest.approx(area / (H * W))
             distinct.add(box)
     assert len(distinct) > B, "boxes differ between samples"
 

@@ -385,8 +385,9 @@ def groups(optimizer: torch.optim.Optimizer, model: nn.Module):
                          ids=["weight_decay", "layer_decay"])
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "resnet18", "resnet8_cifar"])
 def test_timm_optimizer_groups_of_the_wrapper_equal_the_plain_model(name, kwargs, caplog):
-    import models  # noqa: F401 - registers resnet8_cifar
     from timm.optim import create_optimizer_v2
+
+    import models  # noqa: F401 - registers resnet8_cifar
     torch.manual_seed(0)
     extra = dict(img_size=32, depth=2) if name.startswith("vit") else {}
     model = timm.create_model(name, num_classes=5, **extra)
