@@ -79,7 +79,10 @@ class MixPass:
             raise RuntimeError(f"the mixing layer {site._name()} did not mix this batch: it did not run in the forward "
                                f"pass (it is not on the model's forward path), or the model was in eval mode (call "
                                f"model.train()); choose a module the forward calls")
-        return MixRecord(site.label, rec.grid, record_box(rec.box), rec.lam, rec.weight, rec.kind)
+        # Tensor values may live in a CUDA graph's output pool, overwritten by the next replay: keep copies.
+        values = (record_box(rec.box), rec.lam, rec.weight)
+        box, lam, weight = (v.clone() if isinstance(v, Tensor) else v for v in values)
+        return MixRecord(site.label, rec.grid, box, lam, weight, rec.kind)
 
     def abort(self) -> None:
         """Release every site this pass armed (after an exception): no draw outlives its forward."""
