@@ -94,14 +94,14 @@ def erase_box_(x: Tensor, box: Box, hdim: int = -2, wdim: int = -1) -> Tensor:
 
 def blend(x: Tensor, perm: Tensor, lam: Union[float, Tensor]) -> Tensor:
     """New tensor: ``lam * x + (1 - lam) * x[perm]`` (Mixup); ``lam`` a float or broadcastable per sample."""
-    partner = x.index_select(0, perm if perm.device == x.device else perm.to(x.device))
+    partner = x.index_select(0, _on(perm, x))
     return partner.lerp_(x, _weight_like(lam, x))
 
 
 def blend_(x: Tensor, perm: Tensor, lam: Union[float, Tensor]) -> Tensor:
     """In place: ``x = lam * x + (1 - lam) * x[perm]``; returns ``x``."""
     check_writable(x, "x")
-    partner = x.index_select(0, perm if perm.device == x.device else perm.to(x.device))
+    partner = x.index_select(0, _on(perm, x))
     return x.lerp_(partner, 1.0 - _weight_like(lam, x))
 
 
@@ -111,8 +111,12 @@ def paste_weighted(x: Tensor, perm: Tensor, own: Tensor, zero_partner: bool = Fa
     own = own.to(x.dtype)
     if zero_partner:
         return x * own
-    partner = x.index_select(0, perm if perm.device == x.device else perm.to(x.device))
+    partner = x.index_select(0, _on(perm, x))
     return partner.lerp_(x, own)
+
+
+def _on(perm: Tensor, x: Tensor) -> Tensor:
+    return perm if perm.device == x.device else perm.to(x.device, non_blocking=True)
 
 
 def _weight_like(lam: Union[float, Tensor], x: Tensor) -> Union[float, Tensor]:
@@ -138,8 +142,7 @@ def one_hot_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0,
 
 def mix_targets(targets: Tensor, perm: Tensor, weight: Union[float, Tensor]) -> Tensor:
     """``weight * y + (1 - weight) * y[perm]``; ``weight`` a float, a 0-d tensor or one per sample (B,)."""
-    partner = targets.index_select(0, perm if perm.device == targets.device else perm.to(targets.device))
-    return partner.lerp(targets, _weight_like(weight, targets))
+    return blend(targets, perm, weight)
 
 
 def _empty(box: Box) -> bool:
