@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import torch
 
-from ..cli import HelpFormatter, add_device_options
+from ..cli import HelpFormatter, add_device_options, resolve_device, set_threads
 
 
 @dataclass
@@ -141,6 +141,12 @@ def bench_parser(doc: str, out: str) -> argparse.ArgumentParser:
     return p
 
 
+def start(args: argparse.Namespace) -> torch.device:
+    """Apply --threads and resolve --device for a benchmark run."""
+    set_threads(args.threads)
+    return resolve_device(args.device)
+
+
 def fmt_ms(ms: float) -> str:
     """Milliseconds with three significant-ish digits."""
     return f"{ms:.3f}" if ms < 10 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
@@ -168,4 +174,4 @@ def write_json(path: str, payload: Dict[str, Any]) -> Path:
 
 
 __all__ = ["Case", "Stats", "interleaved", "rotating_rounds", "time_call", "synchronize", "environment",
-           "bench_parser", "fmt_ms", "fmt_ratio", "table", "write_json"]
+           "bench_parser", "start", "fmt_ms", "fmt_ratio", "table", "write_json"]

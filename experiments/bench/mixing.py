@@ -23,8 +23,8 @@ import torch
 import featmix
 import featmix.functional as FF
 
-from ..cli import resolve_device, set_threads
-from .common import Case, Stats, bench_parser, environment, fmt_ms, fmt_ratio, interleaved, table, write_json
+from .common import (Case, Stats, bench_parser, environment, fmt_ms, fmt_ratio, interleaved, start, table,
+                     write_json)
 
 FULL_SHAPES = [(64, 3, 224, 224), (128, 64, 56, 56), (256, 256, 14, 14), (256, 3, 32, 32)]
 QUICK_SHAPES = [(8, 3, 64, 64), (16, 32, 14, 14)]
@@ -316,8 +316,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the benchmark, print the tables and the targets, write the JSON; returns its payload."""
     args = parse_args(argv)
-    set_threads(args.threads)
-    device = resolve_device(args.device)
+    device = start(args)
     env_before = environment(device)
     fixed = (f"every contender pastes the same box: lam={LAM}, centre=(H//2, W//2) -> featmix's rule "
              f"(cut=int(side*sqrt(1-lam)), half-sides cut//2), e.g. {fixed_box(224, 224)} (y1,y2,x1,x2) on 224x224; "

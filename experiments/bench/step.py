@@ -23,9 +23,8 @@ from torch import nn
 
 import featmix
 
-from ..cli import resolve_device, set_threads
-from .common import (Case, bench_parser, environment, fmt_ms, interleaved, rotating_rounds, synchronize, table,
-                     time_call, write_json)
+from .common import (Case, bench_parser, environment, fmt_ms, interleaved, rotating_rounds, start, synchronize,
+                     table, time_call, write_json)
 
 SETTLE_STEPS = 3  # compiled steps allowed to compile (first call, first backward, first mixed batch)
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -361,8 +360,7 @@ def target_verdict(payload: Dict[str, Any]) -> Dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the benchmark, print the tables and the verdict, write the JSON; returns its payload."""
     args = parse_args(argv)
-    set_threads(args.threads)
-    device = resolve_device(args.device)
+    device = start(args)
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, 3, args.img, args.img, generator=g).to(device)
     if args.channels_last:

@@ -168,3 +168,20 @@ class Measurement:
     def markdown(report: dict[str, Any]) -> list[str]:
         """Its lines of report.md, given the whole report (no lines by default)."""
         return []
+
+
+class GridMeasurement(Measurement):
+    """A measurement over a grid of settings: it runs on the grid subset of the test set (--grid-images)."""
+
+    def __init__(self, ctx: EvalContext) -> None:
+        super().__init__(ctx)
+        self.index = ctx.grid_index()
+        self.seen = 0
+
+    def steps(self) -> Iterable[TestBatch]:
+        """The grid subset of the test set, in batches."""
+        return self.ctx.test_batches(self.index)
+
+    def num_steps(self) -> int:
+        """Batches of the grid subset."""
+        return self.ctx.num_test_batches(self.index)

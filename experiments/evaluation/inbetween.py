@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
 from .. import results
-from .base import EVAL_SEED, Measurement, TestBatch
+from .base import EVAL_SEED, GridMeasurement, TestBatch
 
 Mixer = Callable[[torch.Tensor, torch.Tensor, float], "tuple[torch.Tensor, float]"]
 
@@ -64,7 +64,7 @@ def inbetween_correct(pred: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor,
     return pred == major, (pred == ya) | (pred == yb)
 
 
-class InBetween(Measurement):
+class InBetween(GridMeasurement):
     """Accuracy per lam on CutMix-ed and Mixup-ed pairs, and its mean over lam (on the grid subset)."""
 
     name = "inbetween"
@@ -78,20 +78,10 @@ class InBetween(Measurement):
         self.tally = {kind: {key: torch.zeros(len(self.lams), dtype=torch.float64) for key in ("major", "either")}
                       for kind in MIXERS}
         self.share_a = {kind: [0.0] * len(self.lams) for kind in MIXERS}
-        self.index = ctx.grid_index()
-        self.seen = 0
 
     def skip_reason(self) -> str | None:
         """Pairs of different classes need two classes."""
         return "needs at least two classes" if self.ctx.data.num_classes < 2 else None
-
-    def steps(self) -> Iterable[TestBatch]:
-        """The grid subset of the test set, in batches."""
-        return self.ctx.test_batches(self.index)
-
-    def num_steps(self) -> int:
-        """Batches of the grid subset."""
-        return self.ctx.num_test_batches(self.index)
 
     def accumulate(self, batch: TestBatch) -> None:
         """Pair the batch, mix every (kind, lam), score them in shared model calls."""

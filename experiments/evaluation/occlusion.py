@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import statistics
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from .. import results
-from .base import Measurement, TestBatch
+from .base import GridMeasurement, TestBatch
 
 MODES = ("center", "boundary")
 
@@ -48,7 +48,7 @@ def occlusion_effect(h: int, w: int, size: int, mode: str) -> str:
     return "partial"
 
 
-class Occlusion(Measurement):
+class Occlusion(GridMeasurement):
     """Top-1 accuracy per hole side and mode, and its mean over the grid (on the grid subset of the test set)."""
 
     name = "occlusion"
@@ -60,16 +60,6 @@ class Occlusion(Measurement):
         self.h, self.w = ctx.shape[-2:]
         self.sizes = occlusion_sizes(max(self.h, self.w), ctx.opts.occlusion_steps)
         self.correct = {mode: torch.zeros(len(self.sizes), dtype=torch.float64) for mode in MODES}
-        self.index = ctx.grid_index()
-        self.seen = 0
-
-    def steps(self) -> Iterable[TestBatch]:
-        """The grid subset of the test set, in batches."""
-        return self.ctx.test_batches(self.index)
-
-    def num_steps(self) -> int:
-        """Batches of the grid subset."""
-        return self.ctx.num_test_batches(self.index)
 
     def accumulate(self, batch: TestBatch) -> None:
         """Score every (mode, side) on one batch; the partial settings share model calls."""
