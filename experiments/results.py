@@ -123,7 +123,8 @@ def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], fieldnames: Sequ
 
 
 SUMMARY_HEADER = ("setting", "n", "final top-1 err", "best top-1 err", "final top-5 err",
-                  "Δ final top-1 vs baseline (paired)", "Δ best top-1 (paired)", "lower than baseline", "Δ resolved?")
+                  "Δ final top-1 vs baseline (paired)", "Δ best top-1 (paired)", "lower than baseline",
+                  "Δ resolved?")
 
 
 def markdown_table(stats: Sequence[dict[str, Any]], baseline: str = "baseline") -> str:

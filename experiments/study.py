@@ -64,7 +64,8 @@ def build_parser(study: str, description: str) -> argparse.ArgumentParser:
                                                     "resnet20_cifar, pyramidnet200_a240, ...)"))
     m.add_argument("--model-kwargs", nargs="+", type=model_kwarg, default=[], metavar="KEY=VALUE",
                    help="extra keyword arguments for timm.create_model, e.g. width=32 drop_rate=0.1")
-    m.add_argument("--dataset", help=_recipe("dataset", f"one of {', '.join(DATASETS)} (synthetic: tiny data for tests)"))
+    m.add_argument("--dataset",
+                   help=_recipe("dataset", f"one of {', '.join(DATASETS)} (synthetic: tiny data for tests)"))
     m.add_argument("--data-dir", default=os.environ.get("FEATMIX_DATA"),
                    help="where datasets live or are downloaded to (Fashion-MNIST is also looked up in "
                         "/usr/share/datasets/fashion-mnist; default for downloads: ./data; env FEATMIX_DATA)")
@@ -133,7 +134,7 @@ def config_hash(study: str, opts: dict[str, Any]) -> str:
 
 
 def init_distributed(device: str) -> DistInfo:
-    """--device -> this process's DistInfo; DDP when launched by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
+    """--device -> this process's DistInfo; DDP under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
     dev = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -285,3 +286,16 @@ def run_study(study: str, args: argparse.Namespace, make_settings: Callable[[dic
         dist.barrier()
         dist.destroy_process_group()
     return run.out
+
+
+Option = tuple[str, dict[str, Any]]  # (flag, argparse.add_argument keyword arguments)
+
+
+def main(study: str, description: str, argv: Sequence[str] | None, options: Sequence[Option],
+         make_settings: Callable[[dict[str, Any]], Sequence[Setting]],
+         plot: Callable[[list[dict], Path, str], Path | None] | None) -> Path:
+    """A study's command line: the shared options plus the study's own, parsed from `argv`, then `run_study`."""
+    p = build_parser(study, description)
+    for flag, kwargs in options:
+        p.add_argument(flag, **kwargs)
+    return run_study(study, p.parse_args(argv), make_settings, plot)

@@ -50,7 +50,8 @@ def _occlusion_one_at_a_time(net, data, index, batch_size, steps):
 
 
 def _inbetween_one_at_a_time(net, data, index, batch_size, lams):
-    """Accuracy (label of the larger part) per (kind, lam), every mix run on its own, partners as the measurement draws them."""
+    """Accuracy (label of the larger part) per (kind, lam), every mix run on its own, partners drawn as the
+    measurement draws them."""
     gen = torch.Generator().manual_seed(EVAL_SEED)
     hits = {k: [0] * len(lams) for k in MIXERS}
     for s in range(0, index.numel(), batch_size):
@@ -92,7 +93,8 @@ def test_grid_subset_is_fixed_balanced_and_scored_like_the_rest(tiny):
     assert rep["occlusion"]["n"] == rep["inbetween"]["n"] == 24 and rep["test_size"] == 48
     want = _occlusion_one_at_a_time(net, data, index, 20, 4)
     assert rep["occlusion"]["center"] == want["center"] and rep["occlusion"]["boundary"] == want["boundary"]
-    assert rep["inbetween"]["mixup"]["major"] == _inbetween_one_at_a_time(net, data, index, 20, (0.0, 0.5, 1.0))["mixup"]
+    want_inb = _inbetween_one_at_a_time(net, data, index, 20, (0.0, 0.5, 1.0))
+    assert rep["inbetween"]["mixup"]["major"] == want_inb["mixup"]
     again = runner.evaluate_model(net, data, data.normalizer, opts)
     assert again["occlusion"] == rep["occlusion"] and again["inbetween"] == rep["inbetween"]
 

@@ -141,10 +141,16 @@ def bench_parser(doc: str, out: str) -> argparse.ArgumentParser:
     return p
 
 
-def start(args: argparse.Namespace) -> torch.device:
-    """Apply --threads and resolve --device for a benchmark run."""
+def start(args: argparse.Namespace) -> Tuple[argparse.Namespace, torch.device]:
+    """Apply --threads and resolve --device for a benchmark run -> (args, device)."""
     set_threads(args.threads)
-    return resolve_device(args.device)
+    return args, resolve_device(args.device)
+
+
+def finish(out: str, payload: Dict[str, Any]) -> Dict[str, Any]:
+    """Write the run's JSON to `out`, say where; returns the payload."""
+    print(f"\nwrote {write_json(out, payload)}")
+    return payload
 
 
 def fmt_ms(ms: float) -> str:
@@ -174,4 +180,4 @@ def write_json(path: str, payload: Dict[str, Any]) -> Path:
 
 
 __all__ = ["Case", "Stats", "interleaved", "rotating_rounds", "time_call", "synchronize", "environment",
-           "bench_parser", "start", "fmt_ms", "fmt_ratio", "table", "write_json"]
+           "bench_parser", "start", "finish", "fmt_ms", "fmt_ratio", "table", "write_json"]

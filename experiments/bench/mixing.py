@@ -23,8 +23,7 @@ import torch
 import featmix
 import featmix.functional as FF
 
-from .common import (Case, Stats, bench_parser, environment, fmt_ms, fmt_ratio, interleaved, start, table,
-                     write_json)
+from .common import Case, Stats, bench_parser, environment, finish, fmt_ms, fmt_ratio, interleaved, start, table
 
 FULL_SHAPES = [(64, 3, 224, 224), (128, 64, 56, 56), (256, 256, 14, 14), (256, 3, 32, 32)]
 QUICK_SHAPES = [(8, 3, 64, 64), (16, 32, 14, 14)]
@@ -265,7 +264,8 @@ def check_targets(results: List[Dict[str, Any]], device: torch.device, image_sha
         return None
 
     specs = [
-        ("input in place >= 2x faster than timm Mixup", image_shape, "featmix.CutMix(inplace)", "timm Mixup", ">=", 2.0),
+        ("input in place >= 2x faster than timm Mixup", image_shape, "featmix.CutMix(inplace)", "timm Mixup", ">=",
+         2.0),
         ("input in place >= 3x faster than torchvision v2.CutMix", image_shape, "featmix.CutMix(inplace)",
          "tv v2.CutMix", ">=", 3.0),
         ("feature mixing forward <= %.1fx x.clone()" % (1.3 if device.type == "cpu" else 1.1), feature_shape,
@@ -315,8 +315,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the benchmark, print the tables and the targets, write the JSON; returns its payload."""
-    args = parse_args(argv)
-    device = start(args)
+    args, device = start(parse_args(argv))
     env_before = environment(device)
     fixed = (f"every contender pastes the same box: lam={LAM}, centre=(H//2, W//2) -> featmix's rule "
              f"(cut=int(side*sqrt(1-lam)), half-sides cut//2), e.g. {fixed_box(224, 224)} (y1,y2,x1,x2) on 224x224; "
@@ -352,9 +351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                "channels_last": args.channels_last, "repeats": args.repeats, "warmup": args.warmup,
                "fixed": fixed, "environment": environment(device) | {"loadavg_before": env_before["loadavg"]},
                "results": results, "targets": targets}
-    path = write_json(args.out, payload)
-    print(f"\nwrote {path}")
-    return payload
+    return finish(args.out, payload)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ from torch import nn
 
 import featmix
 
-from .common import (Case, bench_parser, environment, fmt_ms, interleaved, rotating_rounds, start, synchronize,
-                     table, time_call, write_json)
+from .common import (Case, bench_parser, environment, finish, fmt_ms, interleaved, rotating_rounds, start,
+                     synchronize, table, time_call)
 
 SETTLE_STEPS = 3  # compiled steps allowed to compile (first call, first backward, first mixed batch)
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -359,8 +359,7 @@ def target_verdict(payload: Dict[str, Any]) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the benchmark, print the tables and the verdict, write the JSON; returns its payload."""
-    args = parse_args(argv)
-    device = start(args)
+    args, device = start(parse_args(argv))
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, 3, args.img, args.img, generator=g).to(device)
     if args.channels_last:
@@ -381,9 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if not args.no_compile:
         compiled_part(args, device, x, y, payload)
     payload["target"] = target_verdict(payload)
-    path = write_json(args.out, payload)
-    print(f"\nwrote {path}")
-    return payload
+    return finish(args.out, payload)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from .. import results
 from ..data import FolderData, TensorData, balanced_subset
 from .testsets import pixel_test_batches
 
@@ -164,14 +165,22 @@ class Measurement:
         """This measurement's section of the report (numbers in %)."""
         raise NotImplementedError
 
-    @staticmethod
-    def markdown(report: dict[str, Any]) -> list[str]:
-        """Its lines of report.md, given the whole report (no lines by default)."""
-        return []
+    # its line in report.md: filled from the report and (winning on a clash) this measurement's section
+    line: ClassVar[str] = ""
+
+    @classmethod
+    def markdown(cls, report: dict[str, Any]) -> list[str]:
+        """Its lines of report.md, given the whole report (by default `line`, filled in)."""
+        return [cls.line.format_map({**report, **report[cls.name]})] if cls.line else []
 
 
 class GridMeasurement(Measurement):
-    """A measurement over a grid of settings: it runs on the grid subset of the test set (--grid-images)."""
+    """A measurement over a grid of settings: it runs on the grid subset of the test set (--grid-images) and
+    reports a table (`title`, an optional `note` filled from its section, `header`, `rows(section)`)."""
+
+    title: ClassVar[str] = ""
+    note: ClassVar[str] = ""
+    header: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ctx: EvalContext) -> None:
         super().__init__(ctx)
@@ -185,3 +194,16 @@ class GridMeasurement(Measurement):
     def num_steps(self) -> int:
         """Batches of the grid subset."""
         return self.ctx.num_test_batches(self.index)
+
+    @staticmethod
+    def rows(section: dict[str, Any]) -> list[list[Any]]:
+        """The table's rows, one per grid point."""
+        raise NotImplementedError
+
+    @classmethod
+    def markdown(cls, report: dict[str, Any]) -> list[str]:
+        """A heading with the number of images, the note, the table."""
+        section = report[cls.name]
+        lines = [f"## {cls.title} ({section.get('n', report['test_size'])} test images)", ""]
+        lines += [cls.note.format_map(section), ""] if cls.note else []
+        return lines + [results.md_table(cls.header, cls.rows(section))]

@@ -26,6 +26,8 @@ class Calibration(Measurement):
 
     name = "calibration"
     columns = {"ece": ("ECE", ("ece",))}
+    line = ("Calibration: ECE ({bins} bins) {ece:.2f}%, NLL {nll:.4f}, mean confidence {mean_confidence:.2f}% "
+            "(clean accuracy {clean_acc:.2f}%).")
 
     def steps(self) -> Iterator[Any]:
         """Nothing to iterate: everything comes from the clean pass."""
@@ -43,10 +45,3 @@ class Calibration(Measurement):
         clean, bins = self.ctx.clean, self.ctx.opts.ece_bins
         return {"ece": pct(expected_calibration_error(clean.conf, clean.correct, bins)), "bins": bins,
                 "nll": clean.nll / self.ctx.num_test, "mean_confidence": pct(clean.conf.double().mean())}
-
-    @staticmethod
-    def markdown(report: dict[str, Any]) -> list[str]:
-        """One line: ECE, NLL, mean confidence beside the clean accuracy."""
-        c = report["calibration"]
-        return [f"Calibration: ECE ({c['bins']} bins) {c['ece']:.2f}%, NLL {c['nll']:.4f}, mean confidence "
-                f"{c['mean_confidence']:.2f}% (clean accuracy {report['clean_acc']:.2f}%)."]

@@ -24,6 +24,7 @@ class FGSM(Measurement):
 
     name = "fgsm"
     columns = {"fgsm_acc": ("FGSM acc", ("acc",))}
+    line = "FGSM: eps = {epsilon_255:g}/255 in pixel space, one step, clipped to [0, 1]."
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
@@ -39,8 +40,3 @@ class FGSM(Measurement):
     def report(self) -> dict[str, Any]:
         """{'epsilon_255', 'acc' (%)}."""
         return {"epsilon_255": self.ctx.opts.epsilon, "acc": pct(self.correct / self.ctx.num_test)}
-
-    @staticmethod
-    def markdown(report: dict[str, Any]) -> list[str]:
-        """The attack's definition, one line."""
-        return [f"FGSM: eps = {report['fgsm']['epsilon_255']:g}/255 in pixel space, one step, clipped to [0, 1]."]

@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 import torch
 
-from .. import results
 from .base import EVAL_SEED, GridMeasurement, TestBatch
 
 Mixer = Callable[[torch.Tensor, torch.Tensor, float], "tuple[torch.Tensor, float]"]
@@ -70,6 +69,9 @@ class InBetween(GridMeasurement):
     name = "inbetween"
     columns = {"inb_cutmix": ("in-between CutMix", ("cutmix", "major_mean")),
                "inb_mixup": ("in-between Mixup", ("mixup", "major_mean"))}
+    title = "In-between samples"
+    note = "Score: {score}; *either*: top-1 is one of the two labels."
+    header = ("lam", "CutMix share of A", "CutMix acc", "CutMix either", "Mixup acc", "Mixup either")
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
@@ -117,12 +119,8 @@ class InBetween(GridMeasurement):
         return rep
 
     @staticmethod
-    def markdown(report: dict[str, Any]) -> list[str]:
-        """A table: per lam, CutMix's share of A and both kinds' scores."""
-        ib = report["inbetween"]
-        rows = [[lam, ib["cutmix"]["share_a"][i], ib["cutmix"]["major"][i], ib["cutmix"]["either"][i],
-                 ib["mixup"]["major"][i], ib["mixup"]["either"][i]] for i, lam in enumerate(ib["lams"])]
-        return [f"## In-between samples ({ib.get('n', report['test_size'])} test images)", "",
-                f"Score: {ib['score']}; *either*: top-1 is one of the two labels.", "",
-                results.md_table(["lam", "CutMix share of A", "CutMix acc", "CutMix either", "Mixup acc",
-                                  "Mixup either"], rows)]
+    def rows(section: dict[str, Any]) -> list[list[Any]]:
+        """Per lam: CutMix's share of A, both kinds' accuracy and 'either' share."""
+        c, m = section["cutmix"], section["mixup"]
+        return [[lam, c["share_a"][i], c["major"][i], c["either"][i], m["major"][i], m["either"][i]]
+                for i, lam in enumerate(section["lams"])]

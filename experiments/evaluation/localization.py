@@ -21,7 +21,7 @@ IOU_CHUNK = 1024  # boxes per call of torchvision's pairwise box_iou (a chunk^2 
 
 
 def label_components(mask: torch.Tensor | np.ndarray, connectivity: int = 8) -> tuple[torch.Tensor, int]:
-    """Connected components of a boolean (H, W) mask: (labels 1..n in raster order of first pixel, 0 = background; n)."""
+    """Connected components of a boolean (H, W) mask -> (labels 1..n numbered in raster order, 0 = background; n)."""
     if connectivity not in (4, 8):
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
     fg = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
@@ -61,7 +61,7 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def cam_supported(model: nn.Module, x: torch.Tensor) -> str | None:
-    """None if `model`'s head is global-average-pool + one Linear on a (B, C, h, w) map (checked on `x`), else why not."""
+    """None if `model`'s head is global-average-pool + one Linear on a (B, C, h, w) map (checked on `x`), else why."""
     if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
         return "the model has no forward_features/forward_head (not a timm model)"
     fc = model.get_classifier() if hasattr(model, "get_classifier") else None
@@ -119,6 +119,9 @@ class Localization(Measurement):
 
     name = "localization"
     columns = {"loc_top1": ("top-1 loc", ("top1_loc",)), "loc_gt_known": ("GT-known loc", ("gt_known",))}
+    line = ("Localisation: top-1 loc {top1_loc:.2f}%, GT-known {gt_known:.2f}% (chance, another image's box: "
+            "{chance_gt_known:.2f}%), mean IoU (GT class) {mean_iou_gt_known:.3f}; CAM threshold {cam_threshold} x "
+            "max, IoU >= {iou_threshold}.")
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
@@ -153,11 +156,3 @@ class Localization(Measurement):
                 "gt_known": pct((iou_true >= iou_at).double().mean()), "mean_iou_gt_known": float(iou_true.mean()),
                 "chance_gt_known": pct(chance_gt_known(boxes, torch.Generator().manual_seed(EVAL_SEED), iou_at)),
                 "cam_threshold": self.ctx.opts.cam_threshold, "iou_threshold": iou_at}
-
-    @staticmethod
-    def markdown(report: dict[str, Any]) -> list[str]:
-        """One line: both accuracies, chance, mean IoU and thresholds."""
-        lo = report["localization"]
-        return [f"Localisation: top-1 loc {lo['top1_loc']:.2f}%, GT-known {lo['gt_known']:.2f}% (chance, another "
-                f"image's box: {lo['chance_gt_known']:.2f}%), mean IoU (GT class) {lo['mean_iou_gt_known']:.3f}; "
-                f"CAM threshold {lo['cam_threshold']} x max, IoU >= {lo['iou_threshold']}."]

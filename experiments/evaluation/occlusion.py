@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from .. import results
 from .base import GridMeasurement, TestBatch
 
 MODES = ("center", "boundary")
@@ -54,6 +53,8 @@ class Occlusion(GridMeasurement):
     name = "occlusion"
     columns = {"occ_center": ("occl. center (mean)", ("center_mean",)),
                "occ_boundary": ("occl. boundary (mean)", ("boundary_mean",))}
+    title = "Occlusion (top-1 accuracy)"
+    header = ("hole side s", "center (hole black)", "boundary (outside black)")
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
@@ -82,9 +83,6 @@ class Occlusion(GridMeasurement):
         return rep
 
     @staticmethod
-    def markdown(report: dict[str, Any]) -> list[str]:
-        """A table: accuracy per hole side, both modes."""
-        o = report["occlusion"]
-        return [f"## Occlusion (top-1 accuracy, {o.get('n', report['test_size'])} test images)", "",
-                results.md_table(["hole side s", "center (hole black)", "boundary (outside black)"],
-                                 list(zip(o["sizes"], o["center"], o["boundary"])))]
+    def rows(section: dict[str, Any]) -> list[list[Any]]:
+        """Per hole side: both modes' accuracy."""
+        return [list(r) for r in zip(section["sizes"], section["center"], section["boundary"])]

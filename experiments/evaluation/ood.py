@@ -118,8 +118,8 @@ class OOD(Measurement):
         return {"detector": "max softmax", "in_dist": self.ctx.data.name, "sets": sets, "mean": mean,
                 "skipped": skipped}
 
-    @staticmethod
-    def markdown(report: dict[str, Any]) -> list[str]:
+    @classmethod
+    def markdown(cls, report: dict[str, Any]) -> list[str]:
         """A table: one row per OOD set and their mean."""
         o = report["ood"]
         rows = [[k, r["n"], r["auroc"], r["tnr_at_tpr95"], r["detection_acc"]] for k, r in o["sets"].items()]
