@@ -120,18 +120,22 @@ class TensorData:
 
     @property
     def in_chans(self) -> int:
+        """Image channels."""
         return self.train_x.shape[1]
 
     @property
     def input_size(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
         return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
 
     @property
     def num_train(self) -> int:
+        """Training images."""
         return self.train_x.shape[0]
 
     @property
     def num_test(self) -> int:
+        """Test images."""
         return self.test_x.shape[0]
 
     def to(self, device: torch.device | str) -> "TensorData":
@@ -311,17 +315,21 @@ class FolderData:
 
     @property
     def num_train(self) -> int:
+        """Training images."""
         return len(self.train_set)
 
     @property
     def num_test(self) -> int:
+        """Test images."""
         return len(self.test_set)
 
     def to(self, device: torch.device | str) -> "FolderData":
+        """Batches will be moved to `device` (the images stay on disk)."""
         self.device = torch.device(device)
         return self
 
     def subset(self, n: int | None, generator: torch.Generator) -> "FolderData":
+        """Keep a class-balanced subset of `n` training images (all of them if `n` is None)."""
         if n is not None and n < self.num_train:
             from torch.utils.data import Subset
             idx = balanced_subset(torch.tensor(self.train_set.targets), n, generator)
@@ -329,6 +337,7 @@ class FolderData:
         return self
 
     def test_subset(self, n: int | None, generator: torch.Generator) -> "FolderData":
+        """Keep a fixed class-balanced subset of `n` test images, in folder order (all if `n` is None)."""
         if n is not None and n < self.num_test:
             from torch.utils.data import Subset
             idx = balanced_subset(torch.tensor(self.test_set.targets), n, generator)
@@ -361,6 +370,7 @@ class FolderData:
 
     def test_batches(self, batch_size: int, rank: int = 0,
                      world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's shard of the test set, in order, normalised on the device."""
         from torch.utils.data import Subset
         shard = Subset(self.test_set, list(range(rank, self.num_test, world_size)))
         for x, y in self._loader(shard, batch_size, None):

@@ -3,7 +3,7 @@ layer index 1..4, against the same network trained without CutMix, over paired s
 
 Layer index: 0 = input image, 1 = after the stem, 2 = after stage 1, 3 = after stage 2, 4 = after stage 3.
 With no arguments: the fast CPU recipe (ResNet-8 on a fixed 1,000-image Fashion-MNIST subset, 40 epochs,
-6 settings x 2 seeds, full 10k test set), about 11 minutes on 2 idle CPU cores (measured 11m13s).
+6 settings x 2 seeds, full 10k test set), minutes on 2 CPU cores (the README gives the measured time).
 """
 from __future__ import annotations
 

@@ -46,6 +46,7 @@ class Setting:
 
     @property
     def mixes(self) -> bool:
+        """Whether this setting mixes anywhere (False: the baseline)."""
         return self.layer is not None
 
 
@@ -82,6 +83,7 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the process that writes."""
         return self.rank == 0
 
 

@@ -49,10 +49,12 @@ class Stats:
 
     @classmethod
     def of(cls, samples: Sequence[float]) -> "Stats":
+        """Min / median / max of the samples (ms)."""
         s = list(samples)
         return cls(min(s), statistics.median(s), max(s), len(s), s)
 
     def as_dict(self, with_samples: bool = False) -> Dict[str, Any]:
+        """The stats as a JSON-ready dict (the raw samples only when asked)."""
         d = asdict(self)
         if not with_samples:
             d.pop("samples")

@@ -41,6 +41,7 @@ class CountingBackend:
         self.graphs = 0
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: List[Any]) -> Callable:
+        """Count one graph, compile it with the real backend."""
         self.graphs += 1
         return self.inner(gm, example_inputs)
 
