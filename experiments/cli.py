@@ -24,11 +24,11 @@ def model_kwarg(text: str) -> tuple[str, Any]:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keep the description's own layout; show '(default: X)' only for options that have a default."""
+    """Keep the description's own layout; add '(default: X)' to options with a default their help does not state."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and action.default != [] and "%(default)" not in text:
+        if action.default not in (None, False, argparse.SUPPRESS) and action.default != [] and "default" not in text:
             text += " (default: %(default)s)"
         return text
 

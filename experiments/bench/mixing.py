@@ -270,7 +270,8 @@ def check_targets(results: List[Dict[str, Any]], device: torch.device, image_sha
          "tv v2.CutMix", ">=", 3.0),
         ("feature mixing forward <= %.1fx x.clone()" % (1.3 if device.type == "cpu" else 1.1), feature_shape,
          "paste_box", "clone", "<=", 1.3 if device.type == "cpu" else 1.1),
-        ("FeatureCutMix forward (arm + mix) <= %.1fx x.clone()" % (1.3 if device.type == "cpu" else 1.1),
+        ("FeatureCutMix under featmix.mixing (draw, arm, mix, targets) <= %.1fx x.clone()"
+         % (1.3 if device.type == "cpu" else 1.1),
          feature_shape, "FeatureCutMix", "clone", "<=", 1.3 if device.type == "cpu" else 1.1),
     ]
     out = []

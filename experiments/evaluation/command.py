@@ -98,8 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_options(h)
     h.add_argument("--batch-size", type=int, default=500, help="test images per batch (in-between pairs are drawn "
                                                                "within a batch)")
-    h.add_argument("--forward-batch", type=int, help="images per model call (default 128 on CPU, 4096 on CUDA; "
-                                                     "the results do not depend on it)")
+    h.add_argument("--forward-batch", type=int, help="images per model call (default 128 on CPU, 4096 on CUDA)")
     h.add_argument("--image-size", type=int, default=224,
                    help="crop size for imagefolder data with --weights (checkpoints carry their input size)")
     h.add_argument("--workers", type=int, default=4, help="DataLoader workers for imagefolder data")
