@@ -1,19 +1,21 @@
-"""Runnable studies of CutMix at the input and at feature maps: `python -m experiments.<study>`.
+"""featmix's experiments, in three rooms (run from a checkout: `python -m experiments.<module>`).
 
-depth_ablation, alpha_sweep, variants, feature_cutmix share `study` (options, grid, resume), `engine`
-(one training run), `data` (datasets held on the device) and `results` (rows, summary, plots).
+Studies (this folder): `depth_ablation`, `alpha_sweep`, `variants`, `feature_cutmix` are thin entry
+points over `study` (options, recipes, settings x seeds with resume), `engine` (one training run),
+`data` (datasets held on the device), `results` (rows, summary, tables and plots) and `cli` (the
+command-line pieces every tool shares). Evaluation of checkpoints: `experiments.evaluation` (one
+module per measurement). Speed benchmarks: `experiments.bench` (`mixing`, `step`). `evaluate`,
+`bench_mixing` and `bench_step` are aliases of the moved commands.
 
-OpenMP threads that spin while waiting are ruinous when the CPU is shared (measured here: 2 spinning
-threads on 2 busy cores ran a ResNet-8 step 3-10x slower than 2 passive threads or 1 thread), so the
-studies default to passive waiting; on idle cores it made no measurable difference to their speed. It
-only takes effect when this package is imported before torch, as `python -m experiments.<study>`
-does; set OMP_WAIT_POLICY yourself to override. The benchmarks (`experiments.bench_*`) are left with
-the OpenMP default a user's own training script gets: passive waiting makes every short parallel
-region pay a thread wake-up, which would misstate what mixing costs in that script.
+OpenMP threads that spin while waiting slow everything down when the CPU is shared (README: "Results"),
+so the studies and the evaluation default to passive waiting. It only takes effect when this package
+is imported before torch, as `python -m experiments.<module>` does; set OMP_WAIT_POLICY yourself to
+override. The benchmarks keep the OpenMP default a user's own training script gets: passive waiting
+makes every short parallel region pay a thread wake-up, which would misstate what mixing costs there.
 """
 import os
 import sys
 
 _MAIN = next((a for a in getattr(sys, "orig_argv", [])[1:] if a.startswith("experiments.")), "")
-if not _MAIN.startswith("experiments.bench_"):
+if not _MAIN.startswith(("experiments.bench.", "experiments.bench_")):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -11,20 +11,25 @@ from .engine import Setting
 
 
 def make_settings(opts: dict[str, Any]) -> list[Setting]:
+    """The baseline, then CutMix at --layer for each alpha of --alphas."""
     return [Setting("baseline")] + [Setting(f"alpha{a:g}", layer=opts["layer"], alpha=a) for a in opts["alphas"]]
 
 
 def plot(stats: list[dict], out: Path, name: str) -> Path:
+    """alpha.png: final top-1 error against alpha (log axis), the baseline as a band."""
     return results.plot_curve(stats, "alpha", out / "alpha.png", "alpha (lam ~ Beta(alpha, alpha))",
                               f"{name}: final top-1 test error, mean ± std over seeds", log_x=True)
 
 
+OPTIONS: list[study.Option] = [
+    ("--alphas", dict(type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0, 2.0, 4.0], help="values of alpha to sweep")),
+    ("--layer", dict(type=int, default=0, help="layer index to mix at (0 = input)")),
+]
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
-    p = study.build_parser("alpha_sweep", __doc__)
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0, 2.0, 4.0],
-                   help="values of alpha to sweep")
-    p.add_argument("--layer", type=int, default=0, help="layer index to mix at (0 = input)")
-    return study.run_study("alpha_sweep", p.parse_args(argv), make_settings, plot)
+    """`python -m experiments.alpha_sweep`: run the study (see --help); returns its output directory."""
+    return study.main("alpha_sweep", __doc__, argv, OPTIONS, make_settings, plot)
 
 
 if __name__ == "__main__":

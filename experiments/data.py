@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +50,22 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
         raise ValueError(f"{path}: header says {dims} ({expected} bytes) but {len(raw) - offset} bytes follow")
     arr = np.frombuffer(raw, dtype=dtype, offset=offset).reshape(dims)
     return torch.from_numpy(arr.astype(dtype.newbyteorder("="), copy=True))
+
+
+class PixelNormalizer:
+    """Pixels in [0, 1] -> the model's input: (x - mean) / std per channel, on x's device (tensors cached)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) float pixels -> normalised (B, C, H, W)."""
+        if x.device not in self._on_device:
+            self._on_device[x.device] = (torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1),
+                                         torch.tensor(self.std, device=x.device).view(1, -1, 1, 1))
+        mean, std = self._on_device[x.device]
+        return (x - mean) / std
 
 
 def _find_file(directory: Path, stem: str) -> Path | None:
@@ -97,32 +113,34 @@ class TensorData:
     std: tuple[float, ...]
     pad: int
     flip: bool = True
-    mean_t: torch.Tensor = field(init=False, repr=False)
-    std_t: torch.Tensor = field(init=False, repr=False)
+    normalizer: PixelNormalizer = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.mean_t = torch.tensor(self.mean).view(1, -1, 1, 1)
-        self.std_t = torch.tensor(self.std).view(1, -1, 1, 1)
+        self.normalizer = PixelNormalizer(self.mean, self.std)
 
     @property
     def in_chans(self) -> int:
+        """Image channels."""
         return self.train_x.shape[1]
 
     @property
     def input_size(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
         return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
 
     @property
     def num_train(self) -> int:
+        """Training images."""
         return self.train_x.shape[0]
 
     @property
     def num_test(self) -> int:
+        """Test images."""
         return self.test_x.shape[0]
 
     def to(self, device: torch.device | str) -> "TensorData":
         """Move the whole dataset to `device` once (a few tens of MB for these sets)."""
-        for k in ("train_x", "train_y", "test_x", "test_y", "mean_t", "std_t"):
+        for k in ("train_x", "train_y", "test_x", "test_y"):
             setattr(self, k, getattr(self, k).to(device))
         return self
 
@@ -149,7 +167,7 @@ class TensorData:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [0, 255] -> float normalised with the dataset's mean/std."""
-        return (x.float().div_(255) - self.mean_t) / self.std_t
+        return self.normalizer(x.float().div_(255))
 
     def train_batches(self, batch_size: int, order_gen: torch.Generator, aug_gen: torch.Generator,
                       rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -212,7 +230,7 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator, flip
     return xp[b, c, rows.view(B, 1, H, 1), cols.view(B, 1, 1, W)]
 
 
-def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of a uint8 (N, C, H, W) tensor, in [0, 1] units (float64, exact enough)."""
     xs = x.double().div(255).transpose(0, 1).reshape(x.shape[1], -1)
     return tuple(xs.mean(1).tolist()), tuple(xs.std(1).tolist())
@@ -231,7 +249,7 @@ def load_fashion_mnist(data_dir: str | None = None, download: bool = False) -> T
         raise _missing_dataset_error("fashion-mnist", data_dir)
     tx, ty = read_idx(files["train_images"]), read_idx(files["train_labels"])
     vx, vy = read_idx(files["test_images"]), read_idx(files["test_labels"])
-    mean, std = _channel_stats(tx.unsqueeze(1))
+    mean, std = channel_stats(tx.unsqueeze(1))
     return TensorData("fashion-mnist", tx.unsqueeze(1).contiguous(), ty.long(), vx.unsqueeze(1).contiguous(),
                       vy.long(), 10, mean, std, pad=2)
 
@@ -249,7 +267,7 @@ def load_cifar(name: str, data_dir: str | None = None, download: bool = False) -
     def nchw(ds):
         return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
     (tx, ty), (vx, vy) = nchw(train), nchw(test)
-    mean, std = _channel_stats(tx)
+    mean, std = channel_stats(tx)
     return TensorData(name, tx, ty, vx, vy, k, mean, std, pad=4)
 
 
@@ -266,7 +284,7 @@ def make_synthetic(n_train: int = 64, n_test: int = 64, size: int = 16, num_clas
             x[y == c, :, c * band:(c + 1) * band] += 120
         return x.clamp(0, 255).to(torch.uint8), y
     (tx, ty), (vx, vy) = make(n_train), make(n_test)
-    mean, std = _channel_stats(tx)
+    mean, std = channel_stats(tx)
     return TensorData("synthetic", tx, ty, vx, vy, num_classes, mean, std, pad=2)
 
 
@@ -290,23 +308,28 @@ class FolderData:
             T.Resize(int(round(image_size * 256 / 224))), T.CenterCrop(image_size), T.PILToTensor()]))
         self.num_classes = len(self.train_set.classes)
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.normalizer = PixelNormalizer(self.mean, self.std)
         self.in_chans, self.input_size = 3, (3, image_size, image_size)
         self.workers = workers
         self.device = torch.device("cpu")
 
     @property
     def num_train(self) -> int:
+        """Training images."""
         return len(self.train_set)
 
     @property
     def num_test(self) -> int:
+        """Test images."""
         return len(self.test_set)
 
     def to(self, device: torch.device | str) -> "FolderData":
+        """Batches will be moved to `device` (the images stay on disk)."""
         self.device = torch.device(device)
         return self
 
     def subset(self, n: int | None, generator: torch.Generator) -> "FolderData":
+        """Keep a class-balanced subset of `n` training images (all of them if `n` is None)."""
         if n is not None and n < self.num_train:
             from torch.utils.data import Subset
             idx = balanced_subset(torch.tensor(self.train_set.targets), n, generator)
@@ -314,6 +337,7 @@ class FolderData:
         return self
 
     def test_subset(self, n: int | None, generator: torch.Generator) -> "FolderData":
+        """Keep a fixed class-balanced subset of `n` test images, in folder order (all if `n` is None)."""
         if n is not None and n < self.num_test:
             from torch.utils.data import Subset
             idx = balanced_subset(torch.tensor(self.test_set.targets), n, generator)
@@ -321,9 +345,8 @@ class FolderData:
         return self
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x.float().div_(255) - mean) / std
+        """uint8 [0, 255] -> float normalised with ImageNet's mean/std."""
+        return self.normalizer(x.float().div_(255))
 
     def _loader(self, ds, batch_size: int, sampler, generator=None):
         from torch.utils.data import DataLoader
@@ -347,6 +370,7 @@ class FolderData:
 
     def test_batches(self, batch_size: int, rank: int = 0,
                      world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's shard of the test set, in order, normalised on the device."""
         from torch.utils.data import Subset
         shard = Subset(self.test_set, list(range(rank, self.num_test, world_size)))
         for x, y in self._loader(shard, batch_size, None):

@@ -3,7 +3,7 @@ layer index 1..4, against the same network trained without CutMix, over paired s
 
 Layer index: 0 = input image, 1 = after the stem, 2 = after stage 1, 3 = after stage 2, 4 = after stage 3.
 With no arguments: the fast CPU recipe (ResNet-8 on a fixed 1,000-image Fashion-MNIST subset, 40 epochs,
-6 settings x 2 seeds, full 10k test set), about 11 minutes on 2 idle CPU cores (measured 11m13s).
+6 settings x 2 seeds, full 10k test set), minutes on 2 CPU cores (the README gives the measured time).
 """
 from __future__ import annotations
 
@@ -15,19 +15,24 @@ from .engine import Setting
 
 
 def make_settings(opts: dict[str, Any]) -> list[Setting]:
+    """The baseline, then CutMix at each layer index of --layers."""
     return [Setting("baseline")] + [Setting(f"layer{i}", layer=i, alpha=opts["alpha"]) for i in opts["layers"]]
 
 
 def plot(stats: list[dict], out: Path, name: str) -> Path:
+    """depth.png: final top-1 error against the layer index, the baseline as a band."""
     return results.plot_curve(stats, "layer", out / "depth.png", "CutMix after layer index (0 = input)",
                               f"{name}: final top-1 test error, mean ± std over seeds")
 
 
+OPTIONS: list[study.Option] = [
+    ("--layers", dict(type=int, nargs="+", default=[0, 1, 2, 3, 4], help="layer indices to mix at (0 = input)")),
+]
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
-    p = study.build_parser("depth_ablation", __doc__)
-    p.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                   help="layer indices to mix at (0 = input)")
-    return study.run_study("depth_ablation", p.parse_args(argv), make_settings, plot)
+    """`python -m experiments.depth_ablation`: run the study (see --help); returns its output directory."""
+    return study.main("depth_ablation", __doc__, argv, OPTIONS, make_settings, plot)
 
 
 if __name__ == "__main__":

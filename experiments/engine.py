@@ -46,6 +46,7 @@ class Setting:
 
     @property
     def mixes(self) -> bool:
+        """Whether this setting mixes anywhere (False: the baseline)."""
         return self.layer is not None
 
 
@@ -82,6 +83,7 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the process that writes."""
         return self.rank == 0
 
 
@@ -101,6 +103,15 @@ def lr_factor(step: int, total: int, steps_per_epoch: int, schedule: str) -> flo
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * t))
     raise ValueError(f"unknown schedule {schedule!r}; choose onecycle, step or cosine")
+
+
+def lr_schedule(opt: torch.optim.Optimizer, cfg: RunConfig, total_steps: int,
+                steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """torch's LambdaLR over `lr_factor`: step k trains at cfg.lr * lr_factor(k), bit for bit, with a state_dict."""
+    # lr_factor is hand-written: OneCycleLR ends its warm-up one step earlier and floors at lr/final_div_factor,
+    # CosineAnnealingLR's recursive form drifts by rounding; both change most steps' lr (MultiStepLR matches 'step').
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(step, total_steps, steps_per_epoch, cfg.schedule))
 
 
 def build_model(cfg: RunConfig, num_classes: int, in_chans: int, seed: int) -> nn.Module:
@@ -140,111 +151,180 @@ def evaluate(net: nn.Module, data: TensorData | FolderData, cfg: RunConfig, di: 
     return 100 * (1 - c1 / n), 100 * (1 - ck / n)
 
 
+@dataclass
+class Streams:
+    """The run's random streams beyond the initial weights: data order (shared by ranks), augmentation, mixing."""
+
+    order: torch.Generator
+    aug: torch.Generator
+    mix: torch.Generator
+
+    @classmethod
+    def seeded(cls, seed: int, rank: int) -> "Streams":
+        """Seed the global RNG (dropout, drop-path) and the three generators of `seed` on `rank`."""
+        torch.manual_seed(derive_seed(seed, GLOBAL, rank))
+        return cls(torch.Generator().manual_seed(derive_seed(seed, ORDER)),
+                   torch.Generator().manual_seed(derive_seed(seed, AUG, rank)),
+                   torch.Generator().manual_seed(derive_seed(seed, MIX, rank)))
+
+
+@dataclass
+class Nets:
+    """The model as trained (CutMixAt-wrapped, DDP, compiled as asked) and as evaluated, and its memory format."""
+
+    train: nn.Module
+    eval: nn.Module
+    memory_format: torch.memory_format
+
+
+def build_nets(cfg: RunConfig, setting: Setting, model: nn.Module, num_classes: int, mix_gen: torch.Generator,
+               total_steps: int, di: DistInfo) -> Nets:
+    """Wrap `model` for `setting` (CutMixAt when it mixes), move it to the device, add DDP and torch.compile."""
+    core: nn.Module = model
+    if setting.mixes:
+        core = featmix.CutMixAt(model, layer=setting.layer, alpha=setting.alpha, prob=cfg.cutmix_prob,
+                                variant=setting.variant, num_classes=num_classes,
+                                label_smoothing=cfg.label_smoothing, generator=mix_gen,
+                                total_steps=total_steps if setting.variant == "scheduled" else None)
+    mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    core = core.to(di.device, memory_format=mf)
+    train_net: nn.Module = core
+    if di.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_net = DDP(core, device_ids=[di.device.index] if di.device.type == "cuda" else None)
+    if cfg.compile:
+        return Nets(torch.compile(train_net), torch.compile(core), mf)
+    return Nets(train_net, core, mf)
+
+
+@dataclass
+class Optimisation:
+    """SGD (nesterov), its lr schedule and the fp16 grad scaler (a no-op unless fp16 autocast on CUDA)."""
+
+    opt: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backward, optimiser step, next lr."""
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.schedule.step()
+
+
+def build_optimisation(cfg: RunConfig, model: nn.Module, total_steps: int, steps_per_epoch: int,
+                       device: torch.device) -> Optimisation:
+    """SGD over `model`'s parameters with the run's lr schedule and grad scaler."""
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                          weight_decay=cfg.wd)
+    use_scaler = cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    return Optimisation(opt, lr_schedule(opt, cfg, total_steps, steps_per_epoch),
+                        torch.amp.GradScaler("cuda", enabled=use_scaler))
+
+
+def train_epoch(cfg: RunConfig, setting: Setting, nets: Nets, optim: Optimisation, data: TensorData | FolderData,
+                per_rank_batch: int, streams: Streams, di: DistInfo) -> dict[str, Any]:
+    """One epoch of training -> {'train_loss', 'train_acc' (%), 'n', 'seconds'} summed over ranks."""
+    t0 = time.perf_counter()
+    ls = 0.0 if setting.mixes else cfg.label_smoothing  # CutMixAt smooths its own targets
+    sums = torch.zeros(3, dtype=torch.float64, device=di.device)  # loss * n, correct, n
+    for x, y in data.train_batches(per_rank_batch, streams.order, streams.aug, di.rank, di.world_size):
+        x = x.contiguous(memory_format=nets.memory_format)
+        with autocast_ctx(cfg, di.device):
+            logits, targets = nets.train(x, y) if setting.mixes else (nets.train(x), y)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=ls)
+        optim.step(loss)
+        with torch.no_grad():  # accumulate on the device: no host sync per batch
+            sums[0] += loss.detach().double() * y.shape[0]
+            sums[1] += (logits.argmax(1) == y).sum()
+            sums[2] += y.shape[0]
+    if di.world_size > 1:
+        dist.all_reduce(sums)
+    loss_sum, correct, n_seen = sums.tolist()  # one device sync per epoch
+    return {"train_loss": loss_sum / n_seen, "train_acc": 100 * correct / n_seen, "n": int(n_seen),
+            "seconds": time.perf_counter() - t0}
+
+
+@dataclass
+class RunLog:
+    """Per-epoch history and the running totals a run reports (errors in %, times in s)."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best1: float = math.inf
+    best5: float = math.inf
+    best_epoch: int = -1
+    top1: float = math.nan
+    top5: float = math.nan
+    train_time: float = 0.0
+    eval_time: float = 0.0
+    images: int = 0
+
+    def evaluated(self, epoch: int, top1: float, top5: float, seconds: float) -> None:
+        """Record an evaluation after `epoch` (1-based)."""
+        self.top1, self.top5 = top1, top5
+        self.eval_time += seconds
+        if top1 < self.best1:
+            self.best1, self.best_epoch = top1, epoch
+        self.best5 = min(self.best5, top5)
+
+    def metrics(self) -> dict[str, Any]:
+        """The run's metrics: best/final errors, final loss, times, throughput, history."""
+        return {"best_top1_err": self.best1, "best_top5_err": self.best5, "best_epoch": self.best_epoch,
+                "final_top1_err": self.top1, "final_top5_err": self.top5,
+                "final_train_loss": self.history[-1]["train_loss"], "train_time_s": self.train_time,
+                "eval_time_s": self.eval_time, "images_per_s": self.images / max(self.train_time, 1e-9),
+                "history": self.history}
+
+
+def _evaluate_now(cfg: RunConfig, model: nn.Module, nets: Nets, data: TensorData | FolderData, di: DistInfo,
+                  epoch: int, log: RunLog) -> dict[str, float]:
+    t1 = time.perf_counter()
+    if di.world_size > 1:  # evaluate rank 0's BN statistics on every shard
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+    top1, top5 = evaluate(nets.eval, data, cfg, di)
+    log.evaluated(epoch, top1, top5, time.perf_counter() - t1)
+    return {"top1_err": top1, "top5_err": top5}
+
+
 def train_run(cfg: RunConfig, setting: Setting, seed: int, data: TensorData | FolderData,
               di: DistInfo | None = None, progress: bool = False, desc: str = "") -> tuple[dict, dict]:
-    """Train one run and return (metrics, model state_dict). Metrics: errors in %, times in s."""
+    """Train one run -> (metrics: errors in %, times in s, per-epoch history; the model's state_dict)."""
     di = di or DistInfo()
-    device = di.device
     model = build_model(cfg, data.num_classes, data.in_chans, seed)
-    torch.manual_seed(derive_seed(seed, GLOBAL, di.rank))  # anything else (dropout, drop-path)
-    order_gen = torch.Generator().manual_seed(derive_seed(seed, ORDER))  # same on all ranks
-    aug_gen = torch.Generator().manual_seed(derive_seed(seed, AUG, di.rank))
-    mix_gen = torch.Generator().manual_seed(derive_seed(seed, MIX, di.rank))
-
+    streams = Streams.seeded(seed, di.rank)
     per_rank_batch = cfg.batch_size // di.world_size
     if per_rank_batch * di.world_size != cfg.batch_size:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the world size {di.world_size}")
     steps_per_epoch = math.ceil((data.num_train // di.world_size) / per_rank_batch)
     total_steps = steps_per_epoch * cfg.epochs
-
-    core: nn.Module = model
-    if setting.mixes:
-        core = featmix.CutMixAt(model, layer=setting.layer, alpha=setting.alpha, prob=cfg.cutmix_prob,
-                                variant=setting.variant, num_classes=data.num_classes,
-                                label_smoothing=cfg.label_smoothing, generator=mix_gen,
-                                total_steps=total_steps if setting.variant == "scheduled" else None)
-    mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    core = core.to(device, memory_format=mf)
-    train_net: nn.Module = core
-    if di.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        train_net = DDP(core, device_ids=[device.index] if device.type == "cuda" else None)
-    eval_net = core
-    if cfg.compile:
-        train_net, eval_net = torch.compile(train_net), torch.compile(core)
-
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                          weight_decay=cfg.wd)
-    use_scaler = cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    ls = 0.0 if setting.mixes else cfg.label_smoothing  # CutMixAt smooths its own targets
-
-    history: list[dict] = []
-    best1 = best5 = math.inf
-    best_epoch = -1
-    top1 = top5 = math.nan
-    train_time = eval_time = 0.0
-    images = 0
-    step = 0
-    bar = None
-    if progress and di.is_main:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.epochs, desc=desc, unit="ep", leave=False, dynamic_ncols=True, file=sys.stderr)
-    train_net.train()
-    for epoch in range(cfg.epochs):
-        t0 = time.perf_counter()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
-        for x, y in data.train_batches(per_rank_batch, order_gen, aug_gen, di.rank, di.world_size):
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(step, total_steps, steps_per_epoch, cfg.schedule)
-            x = x.contiguous(memory_format=mf)
-            with autocast_ctx(cfg, device):
-                if setting.mixes:
-                    logits, targets = train_net(x, y)
-                else:
-                    logits, targets = train_net(x), y
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=ls)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            step += 1
-            with torch.no_grad():  # accumulate on the device: no host sync per batch
-                sums[0] += loss.detach().double() * y.shape[0]
-                sums[1] += (logits.argmax(1) == y).sum()
-                sums[2] += y.shape[0]
-        if di.world_size > 1:
-            dist.all_reduce(sums)
-        loss_sum, correct, n_seen = sums.tolist()  # one device sync per epoch
-        dt = time.perf_counter() - t0
-        train_time += dt
-        images += int(n_seen)
-        rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / n_seen, "train_acc": 100 * correct / n_seen}
+    nets = build_nets(cfg, setting, model, data.num_classes, streams.mix, total_steps, di)
+    optim = build_optimisation(cfg, model, total_steps, steps_per_epoch, di.device)
+    log = RunLog()
+    bar = _progress_bar(cfg.epochs, desc) if progress and di.is_main else None
+    nets.train.train()
+    for epoch in range(1, cfg.epochs + 1):
+        rec = train_epoch(cfg, setting, nets, optim, data, per_rank_batch, streams, di)
+        log.train_time += rec["seconds"]
+        log.images += rec["n"]
         if not math.isfinite(rec["train_loss"]):
             raise RuntimeError(f"{setting.name} seed {seed}: training loss is {rec['train_loss']} at epoch "
-                               f"{epoch + 1}; lower --lr or check the data")
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            t1 = time.perf_counter()
-            if di.world_size > 1:  # evaluate rank 0's BN statistics on every shard
-                for b in model.buffers():
-                    dist.broadcast(b, 0)
-            top1, top5 = evaluate(eval_net, data, cfg, di)
-            eval_time += time.perf_counter() - t1
-            rec.update(top1_err=top1, top5_err=top5)
-            if top1 < best1:
-                best1, best_epoch = top1, epoch + 1
-            best5 = min(best5, top5)
-        history.append(rec)
+                               f"{epoch}; lower --lr or check the data")
+        entry = {"epoch": epoch, "train_loss": rec["train_loss"], "train_acc": rec["train_acc"]}
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            entry.update(_evaluate_now(cfg, model, nets, data, di, epoch, log))
+        log.history.append(entry)
         if bar is not None:
             bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['train_acc']:.1f}",
-                            img_s=f"{n_seen / dt:.0f}", err=f"{top1:.2f}")
+                            img_s=f"{rec['n'] / rec['seconds']:.0f}", err=f"{log.top1:.2f}")
             bar.update()
     if bar is not None:
         bar.close()
-    metrics = {
-        "best_top1_err": best1, "best_top5_err": best5, "best_epoch": best_epoch,
-        "final_top1_err": top1, "final_top5_err": top5, "final_train_loss": history[-1]["train_loss"],
-        "train_time_s": train_time, "eval_time_s": eval_time, "images_per_s": images / max(train_time, 1e-9),
-        "history": history,
-    }
-    return metrics, model.state_dict()
+    return log.metrics(), model.state_dict()
+
+
+def _progress_bar(epochs: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+    return tqdm(total=epochs, desc=desc, unit="ep", leave=False, dynamic_ncols=True, file=sys.stderr)

@@ -15,6 +15,7 @@ def _layers(text: str) -> str | int:
 
 
 def make_settings(opts: dict[str, Any]) -> list[Setting]:
+    """The baseline, CutMix on the input, and Feature CutMix over --feature-layers."""
     layers = opts["feature_layers"]
     if layers == ["random"]:
         feature = Setting("feature_random", layer="random", alpha=opts["alpha"])
@@ -26,16 +27,21 @@ def make_settings(opts: dict[str, Any]) -> list[Setting]:
 
 
 def plot(stats: list[dict], out: Path, name: str) -> Path:
+    """feature_cutmix.png: one bar per setting, the baseline as a band."""
     return results.plot_bars(stats, out / "feature_cutmix.png",
                              f"{name}: final top-1 test error, mean ± std over seeds")
 
 
+OPTIONS: list[study.Option] = [
+    ("--feature-layers", dict(nargs="+", type=_layers, default=["random"], metavar="L",
+                              help="'random' (featmix's choice per batch among the input, the stem and every stage "
+                                   "but the last, as Manifold Mixup) or the layer indices to draw from")),
+]
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
-    p = study.build_parser("feature_cutmix", __doc__)
-    p.add_argument("--feature-layers", nargs="+", type=_layers, default=["random"], metavar="L",
-                   help="'random' (featmix's choice per batch among the input, the stem and every stage but the "
-                        "last, as Manifold Mixup) or the layer indices to draw from")
-    return study.run_study("feature_cutmix", p.parse_args(argv), make_settings, plot)
+    """`python -m experiments.feature_cutmix`: run the study (see --help); returns its output directory."""
+    return study.main("feature_cutmix", __doc__, argv, OPTIONS, make_settings, plot)
 
 
 if __name__ == "__main__":

@@ -53,9 +53,9 @@ data_arg=()
 
 FEATMIX_TEST_DEVICE="$DEVICE" step tests 60 python -m pytest -q -p no:cacheprovider tests/test_cuda.py \
   tests/test_sampling.py tests/test_fastpaths.py -x
-step bench_mixing 120 python -m experiments.bench_mixing --device "$DEVICE" "${bench_mixing_args[@]}" \
+step bench_mixing 120 python -m experiments.bench.mixing --device "$DEVICE" "${bench_mixing_args[@]}" \
   --out "$OUT/bench_mixing.json"
-step bench_step 150 python -m experiments.bench_step --device "$DEVICE" "${sync_arg[@]}" "${bench_step_args[@]}" \
+step bench_step 150 python -m experiments.bench.step --device "$DEVICE" "${sync_arg[@]}" "${bench_step_args[@]}" \
   --out "$OUT/bench_step.json"
 step depth_ablation 200 python -m experiments.depth_ablation --device "$DEVICE" "${data_arg[@]}" \
   "${depth_args[@]}" --no-progress --out "$OUT/depth_ablation"

@@ -1,4 +1,5 @@
-"""Result rows (JSON lines + CSV), the Markdown summary with paired differences, and the plots.
+"""Result rows (JSON lines + CSV), the Markdown summary with paired differences, and the plots; the table,
+CSV, mean ± std and plotting helpers that the evaluation's reports (`experiments.evaluation.report`) share.
 
 The summary compares every setting with the baseline *of the same seed*: runs of one seed share
 initial weights, data order and augmentation, so the per-seed difference cancels most of the
@@ -12,6 +13,8 @@ import math
 import statistics
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+import torch
 
 ROW_KEYS = (
     "study", "model", "dataset", "setting", "layer", "alpha", "variant", "cutmix_prob", "seed", "epochs",
@@ -50,7 +53,8 @@ def load_rows(out: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    """(mean, sample std) of `xs`; std is nan for one value, both are nan for none."""
     if not xs:
         return math.nan, math.nan
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
@@ -75,12 +79,12 @@ def summarize(rows: Iterable[dict[str, Any]], order: Sequence[str] | None = None
         s: dict[str, Any] = {"setting": name, "n": len(runs), "seeds": sorted(runs),
                              "layer": first.get("layer"), "alpha": first.get("alpha"), "variant": first.get("variant")}
         for key in ("final_top1_err", "best_top1_err", "final_top5_err", "best_top5_err"):
-            s[key] = _mean_std([r[key] for r in runs.values()])
+            s[key] = mean_std([r[key] for r in runs.values()])
         paired = sorted(set(runs) & set(base)) if name != baseline else []
         s["n_pairs"] = len(paired)
         for key in ("final_top1_err", "best_top1_err"):
             d = [runs[k][key] - base[k][key] for k in paired]
-            s["diff_" + key] = _mean_std(d)
+            s["diff_" + key] = mean_std(d)
         d = [runs[k]["final_top1_err"] - base[k]["final_top1_err"] for k in paired]
         s["wins"] = sum(x < 0 for x in d)
         m, sd = s["diff_final_top1_err"]
@@ -89,28 +93,52 @@ def summarize(rows: Iterable[dict[str, Any]], order: Sequence[str] | None = None
     return stats
 
 
-def _fmt(ms: tuple[float, float], sign: bool = False) -> str:
+def fmt_mean_std(ms: tuple[float, float], sign: bool = False, missing_std: str = " ± –") -> str:
+    """'m ± s' with two decimals ('+' shown with `sign`); `missing_std` stands for a nan std; '–' for a nan mean."""
     m, s = ms
     if m != m:
         return "–"
     head = f"{m:+.2f}" if sign else f"{m:.2f}"
-    return f"{head} ± {s:.2f}" if s == s else f"{head} ± –"
+    return f"{head} ± {s:.2f}" if s == s else head + missing_std
+
+
+def _cell(v: Any) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else ("–" if v is None else str(v))
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table; floats with two decimals, None as '–', anything else as str()."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], fieldnames: Sequence[str]) -> Path:
+    """Write `rows` (dicts; missing keys as empty cells) under a header of `fieldnames`; returns the path."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fieldnames), restval="")
+        w.writeheader()
+        w.writerows(rows)
+    return Path(path)
+
+
+SUMMARY_HEADER = ("setting", "n", "final top-1 err", "best top-1 err", "final top-5 err",
+                  "Δ final top-1 vs baseline (paired)", "Δ best top-1 (paired)", "lower than baseline",
+                  "Δ resolved?")
 
 
 def markdown_table(stats: Sequence[dict[str, Any]], baseline: str = "baseline") -> str:
     """The summary table (errors in %, mean ± sample std over seeds)."""
-    lines = ["| setting | n | final top-1 err | best top-1 err | final top-5 err | Δ final top-1 vs baseline "
-             "(paired) | Δ best top-1 (paired) | lower than baseline | Δ resolved? |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for s in stats:
         is_base = s["setting"] == baseline
-        delta = "(reference)" if is_base else _fmt(s["diff_final_top1_err"], sign=True)
-        delta_best = "" if is_base else _fmt(s["diff_best_top1_err"], sign=True)
+        delta = "(reference)" if is_base else fmt_mean_std(s["diff_final_top1_err"], sign=True)
+        delta_best = "" if is_base else fmt_mean_std(s["diff_best_top1_err"], sign=True)
         wins = "" if is_base else f"{s['wins']}/{s['n_pairs']}"
         resolved = "" if is_base else ("yes" if s["resolved"] else "no")
-        lines.append(f"| {s['setting']} | {s['n']} | {_fmt(s['final_top1_err'])} | {_fmt(s['best_top1_err'])} | "
-                     f"{_fmt(s['final_top5_err'])} | {delta} | {delta_best} | {wins} | {resolved} |")
-    return "\n".join(lines)
+        rows.append([s["setting"], s["n"], fmt_mean_std(s["final_top1_err"]), fmt_mean_std(s["best_top1_err"]),
+                     fmt_mean_std(s["final_top5_err"]), delta, delta_best, wins, resolved])
+    return md_table(SUMMARY_HEADER, rows)
 
 
 def write_summary(out: str | Path, stats: Sequence[dict[str, Any]], header: str = "",
@@ -127,14 +155,22 @@ def write_summary(out: str | Path, stats: Sequence[dict[str, Any]], header: str 
     return path
 
 
-def _plt():
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (imported on first use: plotting is optional)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def _baseline_band(ax, stats: Sequence[dict[str, Any]], key: str, baseline: str) -> None:
+def _save(fig: Any, path: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    pyplot().close(fig)
+    return Path(path)
+
+
+def _baseline_band(ax: Any, stats: Sequence[dict[str, Any]], key: str, baseline: str) -> None:
     base = next((s for s in stats if s["setting"] == baseline), None)
     if base is None or base[key][0] != base[key][0]:
         return
@@ -144,13 +180,19 @@ def _baseline_band(ax, stats: Sequence[dict[str, Any]], key: str, baseline: str)
         ax.axhspan(m - sd, m + sd, color="gray", alpha=0.15, lw=0)
 
 
+def _label_error_axes(ax: Any, stats: Sequence[dict[str, Any]], key: str, title: str) -> None:
+    ax.set_ylabel("top-1 error (%)" if "top1" in key else "top-5 error (%)")
+    n = max((s["n"] for s in stats), default=0)
+    ax.set_title(f"{title} (n = {n})", fontsize=9)
+    ax.legend(fontsize=8)
+
+
 def plot_curve(stats: Sequence[dict[str, Any]], x_key: str, path: str | Path, xlabel: str, title: str,
                key: str = "final_top1_err", log_x: bool = False, baseline: str = "baseline") -> Path:
     """Figure-3 style: error vs `x_key` (layer index or alpha), std error bars, baseline dashed with band."""
-    plt = _plt()
     pts = sorted((float(s[x_key]), *s[key]) for s in stats
                  if s["setting"] != baseline and isinstance(s.get(x_key), (int, float)))
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(5, 3.6), dpi=120)
     _baseline_band(ax, stats, key, baseline)
     if pts:
         xs, ms, sds = zip(*pts)
@@ -160,22 +202,15 @@ def plot_curve(stats: Sequence[dict[str, Any]], x_key: str, path: str | Path, xl
         ax.set_xticks(xs)
         ax.set_xticklabels([f"{x:g}" for x in xs])
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("top-1 error (%)" if "top1" in key else "top-5 error (%)")
-    n = max((s["n"] for s in stats), default=0)
-    ax.set_title(f"{title} (n = {n})", fontsize=9)
-    ax.legend(fontsize=8)
+    _label_error_axes(ax, stats, key, title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_bars(stats: Sequence[dict[str, Any]], path: str | Path, title: str, key: str = "final_top1_err",
               baseline: str = "baseline") -> Path:
     """One bar per setting (mean, std error bars), the baseline as a dashed line with its band."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(stats) + 1.5), 3.6), dpi=120)
+    fig, ax = pyplot().subplots(figsize=(max(4.0, 0.8 * len(stats) + 1.5), 3.6), dpi=120)
     _baseline_band(ax, stats, key, baseline)
     names = [s["setting"] for s in stats]
     ms = [s[key][0] for s in stats]
@@ -186,12 +221,28 @@ def plot_bars(stats: Sequence[dict[str, Any]], path: str | Path, title: str, key
     finite = [m - s for m, s in zip(ms, sds) if m == m]
     if finite:
         ax.set_ylim(bottom=max(0.0, min(finite) - 2))
-    ax.set_ylabel("top-1 error (%)" if "top1" in key else "top-5 error (%)")
-    n = max((s["n"] for s in stats), default=0)
-    ax.set_title(f"{title} (n = {n})", fontsize=9)
-    ax.legend(fontsize=8)
+    _label_error_axes(ax, stats, key, title)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
+
+
+def plot_panels(panels: Sequence[tuple[str, dict[str, tuple[Sequence[float], list[list[float]]]]]],
+                path: str | Path, xlabel: str, ylabel: str) -> Path:
+    """Side-by-side panels (title, {line label: (x, one y list per run)}): per line the mean, a ±std band."""
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), dpi=120, sharey=True,
+                                  squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels):
+        for i, (label, (xs, ys)) in enumerate(lines.items()):
+            t = torch.tensor(ys, dtype=torch.float64)
+            m = t.mean(0)
+            ax.plot(xs, m.tolist(), marker="o", ms=3, label=f"{label} (n={len(ys)})", color=f"C{i % 10}")
+            if len(ys) > 1:
+                sd = t.std(0)
+                ax.fill_between(xs, (m - sd).tolist(), (m + sd).tolist(), alpha=0.15, color=f"C{i % 10}", lw=0)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=7)
+    return _save(fig, path)
+

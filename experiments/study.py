@@ -8,13 +8,12 @@ DistributedDataParallel and only rank 0 writes.
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import json
 import os
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,13 +21,14 @@ import torch
 import torch.distributed as dist
 
 from . import results
+from .cli import HelpFormatter, add_device_options, model_kwarg, resolve_device, set_threads
 from .data import DATASETS, load_dataset
 from .engine import DistInfo, RunConfig, Setting, train_run
 
 # fast: the CPU regime where CutMix has something to regularise (on data the network cannot overfit,
 # short schedules are only hurt by it): a fixed 1,000-image class-balanced Fashion-MNIST subset trained
-# for 40 epochs and evaluated once at the end: ~55 s a run at ~780 images/s, so the default depth ablation's
-# 12 runs take ~11 minutes on 2 idle cores (measured 11m13s; 60 epochs would not fit 15). paper-cifar: the paper's run.
+# for 40 epochs and evaluated once at the end, sized so the default depth ablation (12 runs) fits the
+# README's CPU budget (its measured time is there). paper-cifar: the paper's run.
 RECIPES: dict[str, dict[str, Any]] = {
     "fast": dict(model="resnet8_cifar", dataset="fashion-mnist", train_subset=1000, test_subset=0, epochs=40,
                  batch_size=128, lr=0.2, wd=5e-4, schedule="onecycle", cutmix_prob=0.5, alpha=1.0,
@@ -43,35 +43,16 @@ SUBSET_SEED = 1234  # fixed: every seed and setting trains on the same subset
 _SPEED_ONLY = {"eval_batch_size", "channels_last", "compile"}
 
 
-def model_kwarg(text: str) -> tuple[str, Any]:
-    """argparse type for KEY=VALUE (VALUE parsed as a Python literal when it is one)."""
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Show a default only where there is one, and each recipe's value for recipe-filled options."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        key = action.dest
-        if key in RECIPES["fast"]:
-            text += " (" + "; ".join(f"{r}: {v[key] if v[key] != 0 or 'subset' not in key else 'all'}"
-                                     for r, v in RECIPES.items()) + ")"
-        elif action.default not in (None, False, argparse.SUPPRESS) and action.default != []:
-            text += " (default: %(default)s)"
-        return text
+def _recipe(key: str, text: str) -> str:
+    """Help text of a recipe-filled option, with each recipe's value."""
+    values = "; ".join(f"{r}: {v[key] if v[key] != 0 or 'subset' not in key else 'all'}" for r, v in RECIPES.items())
+    return f"{text} ({values})"
 
 
 def build_parser(study: str, description: str) -> argparse.ArgumentParser:
     """The options every study takes; a study adds its own (layers, alphas, ...) before parsing."""
     p = argparse.ArgumentParser(prog=f"python -m experiments.{study}", description=description,
-                                formatter_class=_HelpFormatter)
+                                formatter_class=HelpFormatter)
     r = p.add_argument_group("recipe (options left unset take the recipe's value)")
     r.add_argument("--recipe", choices=sorted(RECIPES), default="fast",
                    help="fast: ResNet-8 on a 1k-image Fashion-MNIST subset, minutes on a CPU; paper-cifar: "
@@ -79,43 +60,45 @@ def build_parser(study: str, description: str) -> argparse.ArgumentParser:
     r.add_argument("--smoke", action="store_true",
                    help=f"tiny run for CI (<1 min): {SMOKE}, output in runs/<study>-smoke")
     m = p.add_argument_group("model and data")
-    m.add_argument("--model", help="any timm model name (featmix's models: resnet8_cifar, resnet20_cifar, "
-                                   "pyramidnet200_a240, ...)")
+    m.add_argument("--model", help=_recipe("model", "any timm model name (featmix's models: resnet8_cifar, "
+                                                    "resnet20_cifar, pyramidnet200_a240, ...)"))
     m.add_argument("--model-kwargs", nargs="+", type=model_kwarg, default=[], metavar="KEY=VALUE",
                    help="extra keyword arguments for timm.create_model, e.g. width=32 drop_rate=0.1")
-    m.add_argument("--dataset", help=f"one of {', '.join(DATASETS)} (synthetic: tiny data for tests)")
+    m.add_argument("--dataset",
+                   help=_recipe("dataset", f"one of {', '.join(DATASETS)} (synthetic: tiny data for tests)"))
     m.add_argument("--data-dir", default=os.environ.get("FEATMIX_DATA"),
                    help="where datasets live or are downloaded to (Fashion-MNIST is also looked up in "
                         "/usr/share/datasets/fashion-mnist; default for downloads: ./data; env FEATMIX_DATA)")
     m.add_argument("--download", action="store_true", help="allow torchvision to download the dataset")
     m.add_argument("--train-subset", type=int, metavar="N",
-                   help="train on a fixed class-balanced subset of N images (0: all)")
+                   help=_recipe("train_subset", "train on a fixed class-balanced subset of N images (0: all)"))
     m.add_argument("--test-subset", type=int, metavar="N",
-                   help="evaluate on a fixed class-balanced subset of N test images (0: all)")
+                   help=_recipe("test_subset", "evaluate on a fixed class-balanced subset of N test images (0: all)"))
     m.add_argument("--image-size", type=int, default=224, help="crop size for imagefolder datasets")
     m.add_argument("--workers", type=int, default=4, help="DataLoader workers for imagefolder datasets")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, help="training epochs")
-    t.add_argument("--batch-size", type=int, help="global batch size (split over DDP ranks)")
-    t.add_argument("--eval-batch-size", type=int, default=500,
-                   help="test batch size (500 ran faster than 1000 on a 2-core CPU)")
-    t.add_argument("--lr", type=float, help="peak learning rate (SGD, nesterov momentum)")
-    t.add_argument("--wd", type=float, help="weight decay")
+    t.add_argument("--epochs", type=int, help=_recipe("epochs", "training epochs"))
+    t.add_argument("--batch-size", type=int, help=_recipe("batch_size", "global batch size (split over DDP ranks)"))
+    t.add_argument("--eval-batch-size", type=int, default=500, help="test batch size")
+    t.add_argument("--lr", type=float, help=_recipe("lr", "peak learning rate (SGD, nesterov momentum)"))
+    t.add_argument("--wd", type=float, help=_recipe("wd", "weight decay"))
     t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (nesterov when > 0)")
     t.add_argument("--schedule", choices=["onecycle", "step", "cosine"],
-                   help="lr schedule; step = /10 at 50%% and 75%% of the epochs")
-    t.add_argument("--cutmix-prob", type=float, help="probability that a batch is mixed")
-    t.add_argument("--alpha", type=float, help="lam ~ Beta(alpha, alpha) (default for settings that do not vary it)")
+                   help=_recipe("schedule", "lr schedule; step = /10 at 50%% and 75%% of the epochs"))
+    t.add_argument("--cutmix-prob", type=float, help=_recipe("cutmix_prob", "probability that a batch is mixed"))
+    t.add_argument("--alpha", type=float,
+                   help=_recipe("alpha", "lam ~ Beta(alpha, alpha) (for settings that do not vary it)"))
     t.add_argument("--label-smoothing", type=float, default=0.0,
                    help="smoothing of the one-hot labels (before mixing)")
-    t.add_argument("--seeds", type=int, nargs="+", help="seed k is shared by every setting (paired comparison)")
-    t.add_argument("--eval-every", type=int, metavar="E", help="evaluate every E epochs (and after the last)")
+    t.add_argument("--seeds", type=int, nargs="+",
+                   help=_recipe("seeds", "seed k is shared by every setting (paired comparison)"))
+    t.add_argument("--eval-every", type=int, metavar="E",
+                   help=_recipe("eval_every", "evaluate every E epochs (and after the last)"))
     s = p.add_argument_group("hardware and output")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    add_device_options(s)
     s.add_argument("--amp", action="store_true", help="autocast to bf16 (fp16 + grad scaling on GPUs without bf16)")
     s.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
-    s.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     s.add_argument("--out", help="output directory (default runs/<study>, or runs/<study>-smoke)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars (also off when not a TTY)")
     return p
@@ -133,6 +116,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_config(opts: dict[str, Any]) -> RunConfig:
+    """The RunConfig fields of the resolved options."""
     return RunConfig(**{f.name: opts[f.name] for f in fields(RunConfig) if f.name in opts})
 
 
@@ -150,19 +134,18 @@ def config_hash(study: str, opts: dict[str, Any]) -> str:
 
 
 def init_distributed(device: str) -> DistInfo:
-    """DDP when launched by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda but torch.cuda.is_available() is False")
+    """--device -> this process's DistInfo; DDP under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
+    dev = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    if use_cuda:
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local if world > 1 else (dev.index if dev.index is not None
+                                                             else torch.cuda.current_device()))
         torch.cuda.set_device(dev)
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
     return DistInfo(rank, world, dev)
 
 
@@ -186,84 +169,133 @@ def _check_out_dir(out: Path, study: str, chash: str, opts: dict[str, Any]) -> N
                          "pass another --out or delete that directory")
 
 
-def run_study(study: str, args: argparse.Namespace, make_settings: Callable[[dict[str, Any]], Sequence[Setting]],
-              plot: Callable[[list[dict], Path, str], Path | None] | None = None) -> Path:
-    """Run every setting x seed not yet finished, then write summary.md and the plot; returns the out dir."""
+@dataclass
+class StudyRun:
+    """One invocation of a study: its options, settings, data, output directory and where this process sits."""
+
+    study: str
+    opts: dict[str, Any]
+    settings: list[Setting]
+    cfg: RunConfig
+    di: DistInfo
+    data: Any
+    out: Path
+    chash: str
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seeds every setting runs with."""
+        return self.opts["seeds"]
+
+
+def prepare(study: str, args: argparse.Namespace,
+            make_settings: Callable[[dict[str, Any]], Sequence[Setting]]) -> StudyRun:
+    """Resolve the options, join DDP, check the output directory, load the (subset) data onto the device."""
     opts = resolve(args)
-    if opts.get("threads"):
-        torch.set_num_threads(opts["threads"])
+    set_threads(opts.get("threads"))
     di = init_distributed(opts["device"])
-    settings = list(make_settings(opts))
-    cfg = run_config(opts)
     out = Path(opts.get("out") or f"runs/{study}{'-smoke' if opts['smoke'] else ''}")
     chash = config_hash(study, opts)
-    progress = not opts["no_progress"] and sys.stderr.isatty()
     _check_out_dir(out, study, chash, opts)  # on every rank, so that all of them stop
-
     data = load_dataset(opts["dataset"], opts.get("data_dir"), opts["download"], opts["image_size"], opts["workers"])
     data.subset(opts["train_subset"] or None, torch.Generator().manual_seed(SUBSET_SEED))
     data.test_subset(opts["test_subset"] or None, torch.Generator().manual_seed(SUBSET_SEED + 1))
     data.to(di.device)
+    return StudyRun(study, opts, list(make_settings(opts)), run_config(opts), di, data, out, chash)
 
+
+def runs_to_do(run: StudyRun) -> list[tuple[int, Setting]]:
+    """(seed, setting) not finished yet, seed-major; rank 0 writes config.json and tells the other ranks."""
     done: list[Any] = [None]
-    if di.is_main:
-        (out / "ckpt").mkdir(parents=True, exist_ok=True)
-        config = {"study": study, "config_hash": chash, "measured": measured_options(study, opts), "options": opts,
-                  "settings": [asdict(s) for s in settings],
-                  "train_size": data.num_train, "test_size": data.num_test, "world_size": di.world_size,
-                  "device": str(di.device), "torch": torch.__version__, "argv": sys.argv}
-        (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-        done[0] = _finished(out, chash)
-    if di.world_size > 1:
+    if run.di.is_main:
+        (run.out / "ckpt").mkdir(parents=True, exist_ok=True)
+        config = {"study": run.study, "config_hash": run.chash, "measured": measured_options(run.study, run.opts),
+                  "options": run.opts, "settings": [asdict(s) for s in run.settings],
+                  "train_size": run.data.num_train, "test_size": run.data.num_test, "world_size": run.di.world_size,
+                  "device": str(run.di.device), "torch": torch.__version__, "argv": sys.argv}
+        (run.out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        done[0] = _finished(run.out, run.chash)
+    if run.di.world_size > 1:
         dist.broadcast_object_list(done, src=0)
-    done_set: set = done[0]
+    return [(seed, s) for seed in run.seeds for s in run.settings if (s.name, seed) not in done[0]]
 
-    todo = [(seed, s) for seed in opts["seeds"] for s in settings if (s.name, seed) not in done_set]
-    if di.is_main:
-        print(f"{study}: {len(settings)} settings x {len(opts['seeds'])} seeds on {opts['dataset']} "
-              f"({data.num_train} train / {data.num_test} test images), {opts['model']}, {cfg.epochs} epochs, "
-              f"device {di.device} x{di.world_size}; {len(todo)} runs to do, "
-              f"{len(settings) * len(opts['seeds']) - len(todo)} already finished in {out}", flush=True)
+
+def save_run(run: StudyRun, setting: Setting, seed: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
+    """The checkpoint (written whole, then renamed), then its row in results.jsonl/csv."""
+    cfg, data, opts = run.cfg, run.data, run.opts
+    ckpt = {"model_state": state, "model": cfg.model, "model_kwargs": cfg.model_kwargs,
+            "num_classes": data.num_classes, "in_chans": data.in_chans, "input_size": data.input_size,
+            "dataset": opts["dataset"], "mean": data.mean, "std": data.std, "setting": asdict(setting), "seed": seed,
+            "config": opts, "config_hash": run.chash, "metrics": metrics}
+    path = run.out / "ckpt" / f"{setting.name}_seed{seed}.pt"
+    torch.save(ckpt, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)  # the row below is only written once the checkpoint is whole
+    mixes = setting.mixes
+    row = {"study": run.study, "model": cfg.model, "dataset": opts["dataset"], "setting": setting.name,
+           "layer": setting.layer, "alpha": setting.alpha if mixes else None,
+           "variant": setting.variant if mixes else None, "cutmix_prob": cfg.cutmix_prob if mixes else None,
+           "seed": seed, "epochs": cfg.epochs, "train_size": data.num_train, "test_size": data.num_test,
+           "batch_size": cfg.batch_size, "lr": cfg.lr, **{k: v for k, v in metrics.items() if k != "history"},
+           "world_size": run.di.world_size, "device": str(run.di.device), "config_hash": run.chash,
+           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    results.append_row(run.out, row)
+
+
+def summarise(run: StudyRun, plot: Callable[[list[dict], Path, str], Path | None] | None) -> None:
+    """Write summary.md (and the plot) from this configuration's rows; print the table and the paths."""
+    cfg, opts, data = run.cfg, run.opts, run.data
+    names = [s.name for s in run.settings]
+    rows = [r for r in results.load_rows(run.out) if r.get("config_hash") == run.chash
+            and r["setting"] in names and r["seed"] in run.seeds]
+    stats = results.summarize(rows, names)
+    header = (f"# {run.study}\n\n{opts['model']} on {opts['dataset']} ({data.num_train} training images, "
+              f"{data.num_test} test images), {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr} "
+              f"({cfg.schedule}), wd {cfg.wd}, cutmix_prob {cfg.cutmix_prob}, seeds {run.seeds}, "
+              f"recipe {opts['recipe']}{' (smoke)' if opts['smoke'] else ''}; config {run.chash}.")
+    summary = results.write_summary(run.out, stats, header)
+    print("\n" + results.markdown_table(stats) + f"\n\nsummary: {summary}")
+    fig = plot(stats, run.out, run.study) if plot is not None else None
+    if fig is not None:
+        print(f"plot: {fig}")
+
+
+def run_study(study: str, args: argparse.Namespace, make_settings: Callable[[dict[str, Any]], Sequence[Setting]],
+              plot: Callable[[list[dict], Path, str], Path | None] | None = None) -> Path:
+    """Run every setting x seed not yet finished, then write summary.md and the plot; returns the out dir."""
+    run = prepare(study, args, make_settings)
+    todo = runs_to_do(run)
+    progress = not run.opts["no_progress"] and sys.stderr.isatty()
+    if run.di.is_main:
+        print(f"{study}: {len(run.settings)} settings x {len(run.seeds)} seeds on {run.opts['dataset']} "
+              f"({run.data.num_train} train / {run.data.num_test} test images), {run.opts['model']}, "
+              f"{run.cfg.epochs} epochs, device {run.di.device} x{run.di.world_size}; {len(todo)} runs to do, "
+              f"{len(run.settings) * len(run.seeds) - len(todo)} already finished in {run.out}", flush=True)
     t_start = time.perf_counter()
     for i, (seed, s) in enumerate(todo, 1):
-        metrics, state = train_run(cfg, s, seed, data, di, progress, desc=f"{s.name} seed{seed}")
-        if not di.is_main:
+        metrics, state = train_run(run.cfg, s, seed, run.data, run.di, progress, desc=f"{s.name} seed{seed}")
+        if not run.di.is_main:
             continue
-        ckpt = {"model_state": state, "model": cfg.model, "model_kwargs": cfg.model_kwargs,
-                "num_classes": data.num_classes, "in_chans": data.in_chans, "input_size": data.input_size,
-                "dataset": opts["dataset"], "mean": data.mean, "std": data.std, "setting": asdict(s), "seed": seed,
-                "config": opts, "config_hash": chash, "metrics": metrics}
-        path = out / "ckpt" / f"{s.name}_seed{seed}.pt"
-        torch.save(ckpt, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)  # the row below is only written once the checkpoint is whole
-        row = {"study": study, "model": cfg.model, "dataset": opts["dataset"], "setting": s.name, "layer": s.layer,
-               "alpha": s.alpha if s.mixes else None, "variant": s.variant if s.mixes else None,
-               "cutmix_prob": cfg.cutmix_prob if s.mixes else None, "seed": seed, "epochs": cfg.epochs,
-               "train_size": data.num_train, "test_size": data.num_test, "batch_size": cfg.batch_size, "lr": cfg.lr,
-               **{k: v for k, v in metrics.items() if k != "history"}, "world_size": di.world_size,
-               "device": str(di.device), "config_hash": chash, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        results.append_row(out, row)
+        save_run(run, s, seed, metrics, state)
         print(f"[{i}/{len(todo)}] {s.name} seed {seed}: final top-1 err {metrics['final_top1_err']:.2f}% "
               f"(best {metrics['best_top1_err']:.2f}%), top-5 {metrics['final_top5_err']:.2f}%, "
               f"{metrics['train_time_s']:.0f}+{metrics['eval_time_s']:.0f} s, {metrics['images_per_s']:.0f} img/s, "
               f"{time.perf_counter() - t_start:.0f} s elapsed", flush=True)
-
-    if di.is_main:
-        names = [s.name for s in settings]
-        rows = [r for r in results.load_rows(out) if r.get("config_hash") == chash
-                and r["setting"] in names and r["seed"] in opts["seeds"]]
-        stats = results.summarize(rows, names)
-        header = (f"# {study}\n\n{opts['model']} on {opts['dataset']} ({data.num_train} training images, "
-                  f"{data.num_test} test images), {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr} "
-                  f"({cfg.schedule}), wd {cfg.wd}, cutmix_prob {cfg.cutmix_prob}, seeds {opts['seeds']}, "
-                  f"recipe {opts['recipe']}{' (smoke)' if opts['smoke'] else ''}; config {chash}.")
-        summary = results.write_summary(out, stats, header)
-        print("\n" + results.markdown_table(stats) + f"\n\nsummary: {summary}")
-        if plot is not None:
-            fig = plot(stats, out, study)
-            if fig is not None:
-                print(f"plot: {fig}")
-    if di.world_size > 1:
+    if run.di.is_main:
+        summarise(run, plot)
+    if run.di.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return out
+    return run.out
+
+
+Option = tuple[str, dict[str, Any]]  # (flag, argparse.add_argument keyword arguments)
+
+
+def main(study: str, description: str, argv: Sequence[str] | None, options: Sequence[Option],
+         make_settings: Callable[[dict[str, Any]], Sequence[Setting]],
+         plot: Callable[[list[dict], Path, str], Path | None] | None) -> Path:
+    """A study's command line: the shared options plus the study's own, parsed from `argv`, then `run_study`."""
+    p = build_parser(study, description)
+    for flag, kwargs in options:
+        p.add_argument(flag, **kwargs)
+    return run_study(study, p.parse_args(argv), make_settings, plot)

@@ -17,19 +17,25 @@ VARIANTS = ["cutmix", "center_gaussian", "fixed_size", "scheduled", "one_hot", "
 
 
 def make_settings(opts: dict[str, Any]) -> list[Setting]:
+    """The baseline, then each variant of --variants at --layer."""
     return [Setting("baseline")] + [Setting(v, layer=opts["layer"], alpha=opts["alpha"], variant=v)
                                     for v in opts["variants"]]
 
 
 def plot(stats: list[dict], out: Path, name: str) -> Path:
+    """variants.png: one bar per setting, the baseline as a band."""
     return results.plot_bars(stats, out / "variants.png", f"{name}: final top-1 test error, mean ± std over seeds")
 
 
+OPTIONS: list[study.Option] = [
+    ("--variants", dict(nargs="+", choices=VARIANTS, default=VARIANTS, help="variants to run")),
+    ("--layer", dict(type=int, default=0, help="layer index to mix at (0 = input)")),
+]
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
-    p = study.build_parser("variants", __doc__)
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="variants to run")
-    p.add_argument("--layer", type=int, default=0, help="layer index to mix at (0 = input)")
-    return study.run_study("variants", p.parse_args(argv), make_settings, plot)
+    """`python -m experiments.variants`: run the study (see --help); returns its output directory."""
+    return study.main("variants", __doc__, argv, OPTIONS, make_settings, plot)
 
 
 if __name__ == "__main__":

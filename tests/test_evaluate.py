@@ -1,11 +1,13 @@
-"""experiments.evaluate / metrics / localization: every metric against a hand-computed case, then the
-command end to end on checkpoints the tests write themselves (CPU only, a few seconds each)."""
+"""experiments.evaluation: every measurement against a hand-computed case, the batched settings against
+one-at-a-time scoring, then the command end to end on checkpoints the tests write themselves (CPU only,
+a few seconds each)."""
 from __future__ import annotations
 
 import csv
 import itertools
 import json
 import math
+import sys
 
 import pytest
 import timm
@@ -14,10 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import models  # noqa: F401  (registers resnet8_cifar)
-from experiments import evaluate as E
-from experiments import metrics as M
 from experiments.data import TensorData, make_synthetic
-from experiments.localization import TEXTURES, load_synthetic_loc, make_localization_set
+from experiments.evaluation import calibration as cal
+from experiments.evaluation import fgsm as attack
+from experiments.evaluation import inbetween as inb
+from experiments.evaluation import localization as loc
+from experiments.evaluation import occlusion as occ
+from experiments.evaluation import ood
+from experiments.evaluation.base import EvalOptions
+from experiments.evaluation.command import main as evaluate_main
+from experiments.evaluation.runner import evaluate_model
+from experiments.evaluation.synthetic_loc import TEXTURES, load_synthetic_loc, make_localization_set
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +77,7 @@ def test_fgsm_linear_model_exact_sign_and_clipping(label):
     model = nn.Sequential(nn.Flatten(), lin)
     x = torch.tensor([0.0, 0.01, 0.5, 0.99, 1.0]).repeat(10)[:48].view(1, 3, 4, 4)
     eps = 8 / 255
-    adv = M.fgsm(model, x, torch.tensor([label]), eps, lambda v: (v - 0.5) / 0.25)
+    adv = attack.fgsm(model, x, torch.tensor([label]), eps, lambda v: (v - 0.5) / 0.25)
     direction = -a.sign() if label == 0 else a.sign()
     expected = (x + eps * direction).clamp(0, 1)
     assert torch.equal(adv, expected)
@@ -83,37 +92,37 @@ def test_fgsm_accuracy_through_evaluate_model():
     x = torch.where(y.bool(), 153 / 255, 102 / 255).view(4, 1, 1, 1).expand(4, 1, 6, 6).contiguous()
     data = tensor_data(x, y)
     for eps, acc in ((8.0, 100.0), (30.0, 0.0)):
-        rep = E.evaluate_model(MeanPixel(), data, identity, E.EvalOptions(metrics=("fgsm",), epsilon=eps))
+        rep = evaluate_model(MeanPixel(), data, identity, EvalOptions(metrics=("fgsm",), epsilon=eps))
         assert rep["clean_acc"] == 100.0 and rep["fgsm"]["acc"] == acc
 
 
 # ------------------------------------------------------------------------------------------ occlusion
 def test_occlusion_masks_pixel_counts_and_placement():
-    m = M.occlusion_mask(10, 10, 4, "center")
+    m = occ.occlusion_mask(10, 10, 4, "center")
     assert m.sum() == 100 - 16 and torch.equal(m[3:7, 3:7], torch.zeros(4, 4))
-    b = M.occlusion_mask(10, 10, 4, "boundary")
+    b = occ.occlusion_mask(10, 10, 4, "boundary")
     assert b.sum() == 16 and torch.equal(b, 1 - m)
-    odd = M.occlusion_mask(7, 7, 3, "boundary")
+    odd = occ.occlusion_mask(7, 7, 3, "boundary")
     assert odd.sum() == 9 and torch.equal(odd[2:5, 2:5], torch.ones(3, 3))
-    even_in_odd = M.occlusion_mask(7, 7, 2, "boundary")  # no exact centre: the hole starts at (7 - 2) // 2
+    even_in_odd = occ.occlusion_mask(7, 7, 2, "boundary")  # no exact centre: the hole starts at (7 - 2) // 2
     assert even_in_odd.sum() == 4 and torch.equal(even_in_odd[2:4, 2:4], torch.ones(2, 2))
-    rect = M.occlusion_mask(6, 8, 4, "boundary")
+    rect = occ.occlusion_mask(6, 8, 4, "boundary")
     assert rect.sum() == 16 and torch.equal(rect[1:5, 2:6], torch.ones(4, 4))
-    assert M.occlusion_mask(5, 5, 0, "center").sum() == 25 and M.occlusion_mask(5, 5, 0, "boundary").sum() == 0
-    assert M.occlusion_mask(5, 5, 5, "center").sum() == 0 and M.occlusion_mask(5, 5, 9, "boundary").sum() == 25
+    assert occ.occlusion_mask(5, 5, 0, "center").sum() == 25 and occ.occlusion_mask(5, 5, 0, "boundary").sum() == 0
+    assert occ.occlusion_mask(5, 5, 5, "center").sum() == 0 and occ.occlusion_mask(5, 5, 9, "boundary").sum() == 25
     x = torch.rand(2, 3, 10, 10) + 0.1
-    occ = M.occlude(x, 4, "center")
-    assert (occ == 0).sum() == 2 * 3 * 16 and torch.equal(occ * m, x * m)
-    sizes = M.occlusion_sizes(28, 8)
+    holed = occ.occlude(x, 4, "center")
+    assert (holed == 0).sum() == 2 * 3 * 16 and torch.equal(holed * m, x * m)
+    sizes = occ.occlusion_sizes(28, 8)
     assert sizes[0] == 0 and sizes[-1] == 28 and len(sizes) == 9 and sizes == sorted(sizes)
     with pytest.raises(ValueError, match="mode"):
-        M.occlusion_mask(4, 4, 2, "middle")
+        occ.occlusion_mask(4, 4, 2, "middle")
 
 
 def test_occlusion_curve_of_mean_pixel_model():
     # white images (label 1) stay class 1 while more than half the pixels are white: center hole
     # s^2 < 32 of 64, boundary s^2 > 32; black images (label 0) are correct whatever is zeroed
-    rep = E.evaluate_model(MeanPixel(), black_white(8, 8), identity, E.EvalOptions(metrics=("occlusion",)))
+    rep = evaluate_model(MeanPixel(), black_white(8, 8), identity, EvalOptions(metrics=("occlusion",)))
     o = rep["occlusion"]
     assert o["sizes"] == list(range(9))
     assert o["center"] == [100.0 if s * s < 32 else 50.0 for s in range(9)]
@@ -124,21 +133,21 @@ def test_occlusion_curve_of_mean_pixel_model():
 # --------------------------------------------------------------------------------- in-between samples
 def test_cutmix_center_box_and_share():
     a, b = torch.zeros(1, 1, 10, 10), torch.ones(1, 1, 10, 10)
-    mixed, share = M.cutmix_center(a, b, 0.75)  # cut = int(10 * 0.5) = 5, centred at 2..7
+    mixed, share = inb.cutmix_center(a, b, 0.75)  # cut = int(10 * 0.5) = 5, centred at 2..7
     assert share == 0.75 and mixed.sum() == 25 and torch.equal(mixed[0, 0, 2:7, 2:7], torch.ones(5, 5))
-    mixed, share = M.cutmix_center(a, b, 0.5)  # cut = int(10 * 0.7071) = 7
+    mixed, share = inb.cutmix_center(a, b, 0.5)  # cut = int(10 * 0.7071) = 7
     assert share == pytest.approx(0.51) and mixed.sum() == 49
-    assert M.cutmix_center(a, b, 0.0)[1] == 0.0 and torch.equal(M.cutmix_center(a, b, 0.0)[0], b)
-    assert torch.equal(M.cutmix_center(a, b, 1.0)[0], a)
-    assert torch.allclose(M.mixup(a, b, 0.3)[0], torch.full_like(a, 0.7))
+    assert inb.cutmix_center(a, b, 0.0)[1] == 0.0 and torch.equal(inb.cutmix_center(a, b, 0.0)[0], b)
+    assert torch.equal(inb.cutmix_center(a, b, 1.0)[0], a)
+    assert torch.allclose(inb.mixup(a, b, 0.3)[0], torch.full_like(a, 0.7))
 
 
 def test_partner_indices_pick_other_classes_deterministically():
     y = torch.tensor([0, 0, 0, 1, 1, 2, 0, 0])
-    p = M.partner_indices(y, torch.Generator().manual_seed(3))
+    p = inb.partner_indices(y, torch.Generator().manual_seed(3))
     assert (y[p] != y).all()
-    assert torch.equal(p, M.partner_indices(y, torch.Generator().manual_seed(3)))
-    same = M.partner_indices(torch.zeros(5, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert torch.equal(p, inb.partner_indices(y, torch.Generator().manual_seed(3)))
+    same = inb.partner_indices(torch.zeros(5, dtype=torch.long), torch.Generator().manual_seed(0))
     assert sorted(same.tolist()) == list(range(5))  # one class only: still a partner each, no error
 
 
@@ -147,17 +156,16 @@ def test_inbetween_scores_of_mean_pixel_model():
     # so the larger part wins except at lam = 0.5, where the mean is 0.5 -> class 0: right only for the
     # pairs whose A is black (half). CutMix's centred box shares are never exactly 0.5: always right.
     lams = (0.0, 0.3, 0.5, 0.7, 1.0)
-    rep = E.evaluate_model(MeanPixel(), black_white(8, 8), identity,
-                           E.EvalOptions(metrics=("inbetween",), lams=lams))
+    rep = evaluate_model(MeanPixel(), black_white(8, 8), identity, EvalOptions(metrics=("inbetween",), lams=lams))
     ib = rep["inbetween"]
     assert ib["mixup"]["major"] == [100.0, 100.0, 50.0, 100.0, 100.0]
     assert ib["mixup"]["either"] == [100.0] * 5
     assert ib["cutmix"]["major"] == [100.0] * 5
     assert ib["cutmix"]["share_a"] == [0.0, 1 - 36 / 64, 1 - 25 / 64, 1 - 16 / 64, 1.0]
-    logits = torch.tensor([[5.0, 0, 0], [0, 5, 0], [0, 0, 5]])
-    major, either = M.inbetween_correct(logits, torch.tensor([0, 0, 0]), torch.tensor([1, 1, 1]), 0.4)
+    pred = torch.tensor([0, 1, 2])
+    major, either = inb.inbetween_correct(pred, torch.tensor([0, 0, 0]), torch.tensor([1, 1, 1]), 0.4)
     assert major.tolist() == [False, True, False] and either.tolist() == [True, True, False]
-    major, _ = M.inbetween_correct(logits, torch.tensor([0, 0, 0]), torch.tensor([1, 1, 1]), 0.5)
+    major, _ = inb.inbetween_correct(pred, torch.tensor([0, 0, 0]), torch.tensor([1, 1, 1]), 0.5)
     assert major.tolist() == [True, False, False]  # a tie goes to A
 
 
@@ -166,26 +174,73 @@ def test_label_components_connectivity_and_order():
     m = torch.zeros(5, 5, dtype=torch.bool)
     m[0, 0] = m[1, 1] = True  # diagonal neighbours
     m[3, 3:5] = True
-    lab8, n8 = M.label_components(m, 8)
-    lab4, n4 = M.label_components(m, 4)
+    lab8, n8 = loc.label_components(m, 8)
+    lab4, n4 = loc.label_components(m, 4)
     assert n8 == 2 and lab8[0, 0] == lab8[1, 1] == 1 and lab8[3, 4] == 2
     assert n4 == 3 and lab4[0, 0] == 1 and lab4[1, 1] == 2 and lab4[3, 3] == lab4[3, 4] == 3
-    assert M.label_components(torch.zeros(3, 3), 8)[1] == 0
+    assert loc.label_components(torch.zeros(3, 3), 8)[1] == 0
     # a U shape whose two arms join only at the bottom: one component
     u = torch.zeros(6, 5, dtype=torch.bool)
     u[:, 0] = u[:, 4] = u[5, :] = True
-    assert M.label_components(u, 4)[1] == 1
+    assert loc.label_components(u, 4)[1] == 1
 
 
-def test_label_components_matches_scipy():
-    nd = pytest.importorskip("scipy.ndimage")
+def _flood_fill_labels(mask: torch.Tensor, connectivity: int) -> torch.Tensor:
+    """Reference labelling: a breadth-first flood fill from each unlabelled pixel in raster order."""
+    H, W = mask.shape
+    steps = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)
+             and (connectivity == 8 or dy == 0 or dx == 0)]
+    labels = torch.zeros(H, W, dtype=torch.long)
+    n = 0
+    for y0 in range(H):
+        for x0 in range(W):
+            if not mask[y0, x0] or labels[y0, x0]:
+                continue
+            n += 1
+            labels[y0, x0] = n
+            todo = [(y0, x0)]
+            while todo:
+                y, x = todo.pop()
+                for dy, dx in steps:
+                    v, u = y + dy, x + dx
+                    if 0 <= v < H and 0 <= u < W and mask[v, u] and not labels[v, u]:
+                        labels[v, u] = n
+                        todo.append((v, u))
+    return labels
+
+
+def test_label_components_matches_a_flood_fill():
     g = torch.Generator().manual_seed(0)
-    for conn, structure in ((4, None), (8, [[1, 1, 1]] * 3)):
-        for _ in range(30):
-            m = torch.rand(17, 23, generator=g) < 0.45
-            lab, n = M.label_components(m, conn)
-            ref, n_ref = nd.label(m.numpy(), structure=structure)
-            assert n == n_ref and (lab.numpy() == ref).all()
+    for conn in (4, 8):
+        for _ in range(10):
+            m = torch.rand(13, 17, generator=g) < 0.45
+            lab, n = loc.label_components(m, conn)
+            ref = _flood_fill_labels(m, conn)
+            assert n == int(ref.max()) and torch.equal(lab, ref)
+    with pytest.raises(ValueError, match="connectivity"):
+        loc.label_components(m, 6)
+
+
+def test_label_components_without_scipy_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "scipy", None)  # import scipy now raises ImportError
+    with pytest.raises(ImportError, match=r"scipy.*\[dev\]"):
+        loc.label_components(torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_box_iou_elementwise_across_chunks():
+    g = torch.Generator().manual_seed(0)
+    n = loc.IOU_CHUNK * 2 + 7  # several calls of the pairwise kernel
+    xy = torch.randint(0, 20, (2, n, 2), generator=g)
+    wh = torch.randint(1, 12, (2, n, 2), generator=g)
+    a, b = torch.cat([xy[0], xy[0] + wh[0]], 1), torch.cat([xy[1], xy[1] + wh[1]], 1)
+    iw = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
+    ih = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
+    area = lambda t: (t[:, 2] - t[:, 0]) * (t[:, 3] - t[:, 1])  # noqa: E731
+    expected = (iw * ih).double() / (area(a) + area(b) - iw * ih).double()
+    assert torch.allclose(loc.box_iou(a, b), expected, rtol=0, atol=1e-12)
+    assert loc.box_iou(torch.zeros(1, 4), torch.zeros(1, 4)).tolist() == [0.0]  # both empty: 0, not nan
+    with pytest.raises(ValueError, match="one length"):
+        loc.box_iou(a[:3], b[:2])
 
 
 def test_cam_box_picks_largest_region_above_threshold():
@@ -193,17 +248,17 @@ def test_cam_box_picks_largest_region_above_threshold():
     cam[2:6, 3:10] = 1.0       # the maximum, but only 4 x 7 = 28 pixels
     cam[10:18, 15:28] = 0.9    # 8 x 13 = 104 pixels: the largest region
     cam[6:10, 5:20] = 0.1      # below 0.15 x max: must not join the two
-    boxes = M.cam_boxes(torch.stack([cam, cam + 5.0, cam * 0.5]), threshold=0.15)
+    boxes = loc.cam_boxes(torch.stack([cam, cam + 5.0, cam * 0.5]), threshold=0.15)
     assert boxes.tolist() == [[15, 10, 28, 18]] * 3  # min-max normalised: offset and scale do not matter
-    low = M.cam_boxes(cam[None], threshold=0.05)  # now the faint bridge counts: one region around everything
+    low = loc.cam_boxes(cam[None], threshold=0.05)  # now the faint bridge counts: one region around everything
     assert low.tolist() == [[3, 2, 28, 18]]
-    assert M.cam_boxes(torch.zeros(1, 4, 6)).tolist() == [[0, 0, 6, 4]]  # flat map: whole image
+    assert loc.cam_boxes(torch.zeros(1, 4, 6)).tolist() == [[0, 0, 6, 4]]  # flat map: whole image
 
 
 def test_box_iou_hand_cases():
     a = torch.tensor([[0, 0, 2, 2], [0, 0, 4, 4], [0, 0, 2, 2], [0, 0, 2, 2], [1, 1, 3, 3], [0, 0, 1, 1], [0, 0, 1, 4]])
     b = torch.tensor([[1, 1, 3, 3], [1, 1, 3, 3], [2, 0, 4, 2], [0, 0, 2, 2], [1, 1, 1, 3], [3, 3, 4, 4], [3, 0, 4, 4]])
-    iou = M.box_iou(a, b)
+    iou = loc.box_iou(a, b)
     assert iou.tolist() == pytest.approx([1 / 7, 4 / 16, 0.0, 1.0, 0.0, 0.0, 0.0])
 
 
@@ -211,15 +266,15 @@ def test_cam_decomposes_logits_and_unsupported_heads_are_reported():
     torch.manual_seed(0)
     net = timm.create_model("resnet8_cifar", num_classes=3, in_chans=1, width=4).eval()
     x = torch.randn(2, 1, 16, 16)
-    assert M.cam_supported(net, x) is None
+    assert loc.cam_supported(net, x) is None
     k = torch.tensor([2, 0])
-    logits, (cam,) = M.class_activation_maps(net, x, [k])
+    logits, (cam,) = loc.class_activation_maps(net, x, [k])
     assert cam.shape == (2, 16, 16)
     feat = net.forward_features(x)  # at feature resolution the CAM's mean + bias is the logit
     fc = net.get_classifier()
     raw = torch.einsum("bc,bchw->bhw", fc.weight[k], feat)
     assert torch.allclose(raw.mean((1, 2)) + fc.bias[k], logits[torch.arange(2), k], atol=1e-5)
-    assert "forward_features" in M.cam_supported(nn.Sequential(nn.Flatten(), nn.Linear(256, 3)), x)
+    assert "forward_features" in loc.cam_supported(nn.Sequential(nn.Flatten(), nn.Linear(256, 3)), x)
 
 
 def test_synthetic_loc_is_deterministic_and_boxes_hold_the_objects():
@@ -253,40 +308,40 @@ def test_auroc_matches_pairwise_count_with_ties():
         si = torch.randint(0, 6, (37,), generator=g).double()
         so = torch.randint(0, 5, (23,), generator=g).double()
         pairs = [(1.0 if a > b else 0.5 if a == b else 0.0) for a, b in itertools.product(si.tolist(), so.tolist())]
-        assert M.auroc(si, so) == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
-    assert M.auroc([3.0, 4.0], [1.0, 2.0]) == 1.0 and M.auroc([1.0, 2.0], [3.0, 4.0]) == 0.0
+        assert ood.auroc(si, so) == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
+    assert ood.auroc([3.0, 4.0], [1.0, 2.0]) == 1.0 and ood.auroc([1.0, 2.0], [3.0, 4.0]) == 0.0
 
 
 def test_tnr_at_tpr95_and_detection_accuracy_hand_cases():
     # 20 in-scores 1..20: keeping >= 95% (19 of 20) puts the threshold at 2; OOD below 2: 0.5, 1, 1.5
     si = [float(v) for v in range(1, 21)]
-    assert M.tnr_at_tpr(si, [0.5, 1.0, 1.5, 2.0, 3.0]) == pytest.approx(0.6)
-    assert M.tnr_at_tpr(si, [0.0] * 4) == 1.0 and M.tnr_at_tpr(si, [5.0] * 4) == 0.0
+    assert ood.tnr_at_tpr(si, [0.5, 1.0, 1.5, 2.0, 3.0]) == pytest.approx(0.6)
+    assert ood.tnr_at_tpr(si, [0.0] * 4) == 1.0 and ood.tnr_at_tpr(si, [5.0] * 4) == 0.0
     # 10 in-scores: 95% of 10 is 9.5, so all 10 must stay in: threshold 1, and only 0.5 is below it
-    assert M.tnr_at_tpr([float(v) for v in range(1, 11)], [0.5, 1.5]) == 0.5
+    assert ood.tnr_at_tpr([float(v) for v in range(1, 11)], [0.5, 1.5]) == 0.5
     # best threshold 0.7 (or 0.6): 0.5 * 3/4 + 0.5 * 1 = 0.875
-    assert M.detection_accuracy([0.9, 0.8, 0.7, 0.6], [0.65, 0.3, 0.2, 0.1]) == pytest.approx(0.875)
-    assert M.detection_accuracy([0.9, 0.8], [0.1, 0.2]) == 1.0
-    assert M.detection_accuracy([0.5, 0.5], [0.5, 0.5]) == 0.5
+    assert ood.detection_accuracy([0.9, 0.8, 0.7, 0.6], [0.65, 0.3, 0.2, 0.1]) == pytest.approx(0.875)
+    assert ood.detection_accuracy([0.9, 0.8], [0.1, 0.2]) == 1.0
+    assert ood.detection_accuracy([0.5, 0.5], [0.5, 0.5]) == 0.5
 
 
 def test_ece_hand_case():
     conf = torch.tensor([0.95, 0.95, 0.95, 0.95, 0.55, 0.55], dtype=torch.float64)
     correct = torch.tensor([1, 1, 1, 0, 1, 0])
     # bin (14/15, 1]: acc 0.75, conf 0.95, weight 4/6; bin (8/15, 9/15]: acc 0.5, conf 0.55, weight 2/6
-    assert M.expected_calibration_error(conf, correct, 15) == pytest.approx(0.2 * 4 / 6 + 0.05 * 2 / 6)
-    assert M.expected_calibration_error(torch.ones(4), torch.ones(4)) == 0.0
+    assert cal.expected_calibration_error(conf, correct, 15) == pytest.approx(0.2 * 4 / 6 + 0.05 * 2 / 6)
+    assert cal.expected_calibration_error(torch.ones(4), torch.ones(4)) == 0.0
     # bins are closed on the right: 0.6 = 9/15 belongs to (8/15, 9/15], 0.62 to the next bin
     two = torch.tensor([0.6, 0.62], dtype=torch.float64)
-    assert M.expected_calibration_error(two, torch.tensor([1, 0])) == pytest.approx((0.4 + 0.62) / 2)
+    assert cal.expected_calibration_error(two, torch.tensor([1, 0])) == pytest.approx((0.4 + 0.62) / 2)
     # one bin for everything: |mean acc - mean conf|
-    assert M.expected_calibration_error(conf, correct, 1) == pytest.approx(abs(4 / 6 - (0.95 * 4 + 0.55 * 2) / 6))
+    assert cal.expected_calibration_error(conf, correct, 1) == pytest.approx(abs(4 / 6 - (0.95 * 4 + 0.55 * 2) / 6))
 
 
 def test_ood_noise_sets():
     g = torch.Generator().manual_seed(0)
-    u = M.ood_noise("uniform", 50, (1, 8, 8), g)
-    gs = M.ood_noise("gaussian", 50, (1, 8, 8), g)
+    u = ood.ood_noise("uniform", 50, (1, 8, 8), g)
+    gs = ood.ood_noise("gaussian", 50, (1, 8, 8), g)
     assert u.shape == gs.shape == (50, 1, 8, 8) and u.min() >= 0 and u.max() <= 1
     assert gs.min() == 0 and gs.max() == 1 and ((gs > 0) & (gs < 1)).any()  # N(0.5, 1) clipped at both ends
 
@@ -298,7 +353,7 @@ def test_ood_and_calibration_through_evaluate_model():
             on_grid = ((x * 255 - (x * 255).round()).abs() < 1e-4).flatten(1).all(1)  # test images: multiples of 1/255
             return torch.stack([torch.where(on_grid, 20.0, 0.0), torch.zeros(x.shape[0])], 1)
     data = black_white(10, 6)
-    rep = E.evaluate_model(Confident(), data, identity, E.EvalOptions(metrics=("ood", "calibration"), ood_size=30))
+    rep = evaluate_model(Confident(), data, identity, EvalOptions(metrics=("ood", "calibration"), ood_size=30))
     for name in ("uniform", "gaussian"):
         r = rep["ood"]["sets"][name]
         assert r["auroc"] == 100.0 and r["tnr_at_tpr95"] == 100.0 and r["detection_acc"] == 100.0 and r["n"] == 30
@@ -349,7 +404,7 @@ def test_end_to_end_on_a_study_directory(tmp_path, capsys):
         accs[f"{name}_seed{seed}"] = 100 * float(hits.double().mean())
         _save(ckdir / f"{name}_seed{seed}.pt", net, data, name, layer, seed, "synthetic", {"width": 4})
 
-    out = E.main(["--ckpt", str(tmp_path / "study"), "--lams", "0", "0.5", "1", "--occlusion-steps", "4"])
+    out = evaluate_main(["--ckpt", str(tmp_path / "study"), "--lams", "0", "0.5", "1", "--occlusion-steps", "4"])
     assert out == tmp_path / "study" / "eval"
     for label, acc in accs.items():
         rep = json.loads((out / label / "report.json").read_text())
@@ -377,8 +432,8 @@ def test_end_to_end_on_a_study_directory(tmp_path, capsys):
     assert "| baseline |" in printed and "| layer0 |" in printed
 
     # a subset of metrics, no plots, another output dir
-    out2 = E.main(["--ckpt", str(ckdir / "layer0_seed0.pt"), "--metrics", "fgsm,calibration", "--no-plots",
-                   "--out", str(tmp_path / "e2"), "--epsilon", "4"])
+    out2 = evaluate_main(["--ckpt", str(ckdir / "layer0_seed0.pt"), "--metrics", "fgsm,calibration", "--no-plots",
+                          "--out", str(tmp_path / "e2"), "--epsilon", "4"])
     rep = json.loads((out2 / "layer0_seed0" / "report.json").read_text())
     assert "fgsm" in rep and "calibration" in rep and "occlusion" not in rep and "ood" not in rep
     assert rep["fgsm"]["epsilon_255"] == 4.0
@@ -387,15 +442,15 @@ def test_end_to_end_on_a_study_directory(tmp_path, capsys):
     # --model / --weights with a plain state_dict
     sd = tmp_path / "w.pth"
     torch.save(torch.load(ckdir / "baseline_seed0.pt", weights_only=False)["model_state"], sd)
-    out3 = E.main(["--model", "resnet8_cifar", "--weights", str(sd), "--dataset", "synthetic", "--model-kwargs",
-                   "width=4", "--metrics", "calibration", "--no-plots", "--test-subset", "32"])
+    out3 = evaluate_main(["--model", "resnet8_cifar", "--weights", str(sd), "--dataset", "synthetic",
+                          "--model-kwargs", "width=4", "--metrics", "calibration", "--no-plots", "--test-subset", "32"])
     rep = json.loads((out3 / "w" / "report.json").read_text())
     assert out3 == tmp_path / "eval" and rep["test_size"] == 32
 
     with pytest.raises(SystemExit):
-        E.main(["--ckpt", str(ckdir), "--metrics", "fgsm,nonsense"])
+        evaluate_main(["--ckpt", str(ckdir), "--metrics", "fgsm,nonsense"])
     with pytest.raises(SystemExit):
-        E.main(["--ckpt", str(ckdir), "--model", "resnet8_cifar"])
+        evaluate_main(["--ckpt", str(ckdir), "--model", "resnet8_cifar"])
 
 
 def test_localization_end_to_end_beats_chance(tmp_path):
@@ -407,7 +462,7 @@ def test_localization_end_to_end_beats_chance(tmp_path):
     _train(net, train, 8)
     ck = tmp_path / "loc.pt"
     _save(ck, net, train, "baseline", None, 0, "synthetic-loc", {"width": 8})
-    out = E.main(["--ckpt", str(ck), "--metrics", "localization,calibration", "--no-plots",
+    out = evaluate_main(["--ckpt", str(ck), "--metrics", "localization,calibration", "--no-plots",
                   "--test-subset", "200"])
     rep = json.loads((out / "loc" / "report.json").read_text())
     lo = rep["localization"]

@@ -147,6 +147,23 @@ def test_lr_schedules():
         lr_factor(0, 10, 1, "linear")
 
 
+@pytest.mark.parametrize("schedule", ["onecycle", "step", "cosine"])
+def test_lr_schedule_trains_each_step_at_the_hand_written_lr(schedule):
+    """torch's LambdaLR drives the optimiser: step k's lr is cfg.lr * lr_factor(k), bit for bit, and its
+    state_dict carries where the schedule stands (what an exact resume needs)."""
+    cfg = RunConfig(lr=0.2, schedule=schedule)
+    total, per_epoch = 120, 8
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr, momentum=0.9, nesterov=True)
+    sched = engine.lr_schedule(opt, cfg, total, per_epoch)
+    seen = []
+    for _ in range(total):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == [cfg.lr * lr_factor(k, total, per_epoch, schedule) for k in range(total)]
+    assert sched.state_dict()["last_epoch"] == total
+
+
 def test_seed_k_pairs_baseline_and_cutmix():
     """With cutmix_prob 0 a CutMix run must reproduce the baseline of the same seed exactly: same initial
     weights, data order and augmentation; only the mixing stream differs between settings."""

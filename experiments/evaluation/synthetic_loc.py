@@ -10,13 +10,12 @@ seed gives the same images and boxes on any machine.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from .data import TensorData
+from ..data import TensorData, channel_stats
 
 NAME = "synthetic-loc"
 TEXTURES = ("hstripes", "vstripes", "checker", "diagonal", "dots", "antidiagonal")
@@ -111,24 +110,9 @@ def load_synthetic_loc(n_train: int = 2000, n_test: int = 500, size: int = 32, n
     """
     tx, ty, tb = make_localization_set(n_train, size, num_classes, in_chans, seed=2 * seed)
     vx, vy, vb = make_localization_set(n_test, size, num_classes, in_chans, seed=2 * seed + 1)
-    px = (tx if n_train else vx).double().div(255).transpose(0, 1).reshape(in_chans, -1)
-    mean, std = tuple(px.mean(1).tolist()), tuple(px.std(1).tolist())
+    mean, std = channel_stats(tx if n_train else vx)
     return LocData(NAME, tx, ty, vx, vy, num_classes, mean, std, pad=0, flip=True,
                    train_boxes=tb, test_boxes=vb)
 
 
-def chance_gt_known(boxes: torch.Tensor, generator: torch.Generator, iou_threshold: float = 0.5) -> float:
-    """The GT-known accuracy of guessing: each image's box replaced by another image's ground-truth box
-    (a seeded derangement-like shuffle), i.e. what knowing only the box distribution scores."""
-    from .metrics import box_iou
-    n = boxes.shape[0]
-    if n < 2:
-        return math.nan
-    perm = torch.randperm(n, generator=generator)
-    partner = torch.empty_like(perm)
-    partner[perm] = perm.roll(1)  # a cycle through the shuffled order: never an image's own box
-    return float((box_iou(boxes, boxes[partner]) >= iou_threshold).double().mean())
-
-
-__all__: Sequence[str] = ("NAME", "TEXTURES", "make_localization_set", "LocData", "load_synthetic_loc",
-                          "chance_gt_known", "texture")
+__all__: Sequence[str] = ("NAME", "TEXTURES", "make_localization_set", "LocData", "load_synthetic_loc", "texture")

@@ -1,13 +1,19 @@
-"""Timing helpers shared by the featmix speed benchmarks.
+"""Timing helpers shared by the featmix speed benchmarks (`experiments.bench.mixing`, `experiments.bench.step`).
 
 The CPU is shared with other jobs, so single timings mean little: every contender is timed many times,
 interleaved with its rivals in the same loop (a slow phase of the machine hits all of them), the order
 rotated every round (no contender always runs right after the same neighbour), and min / median / max
 are reported. Work a contender needs before each call (restoring an input that an in-place op
 overwrote) runs untimed in ``setup``; on CUDA the time between two events on the stream is measured.
+
+Hand-written rather than ``torch.utils.benchmark.Timer``: Timer runs a statement in a loop with one
+setup per loop (and two warm-up calls per ``timeit``), times CUDA with a host synchronize instead of
+events, frees the result inside the clock and sets its own thread count; a call here needs an untimed
+setup before every call, interleaving with its rivals, event timing and the caller's threads.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -16,9 +22,11 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+
+from ..cli import HelpFormatter, add_device_options, resolve_device, set_threads
 
 
 @dataclass
@@ -41,10 +49,12 @@ class Stats:
 
     @classmethod
     def of(cls, samples: Sequence[float]) -> "Stats":
+        """Min / median / max of the samples (ms)."""
         s = list(samples)
         return cls(min(s), statistics.median(s), max(s), len(s), s)
 
     def as_dict(self, with_samples: bool = False) -> Dict[str, Any]:
+        """The stats as a JSON-ready dict (the raw samples only when asked)."""
         d = asdict(self)
         if not with_samples:
             d.pop("samples")
@@ -52,6 +62,7 @@ class Stats:
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -74,20 +85,26 @@ def time_call(fn: Callable[[], Any], device: torch.device) -> float:
     return ms
 
 
-def interleaved(cases: Mapping[str, Case], repeats: int, warmup: int, device: torch.device) -> Dict[str, Stats]:
-    """Time every case ``repeats`` times after ``warmup`` untimed rounds, interleaved in rotating order."""
-    names = list(cases)
-    samples: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(warmup + repeats):
+def rotating_rounds(names: Sequence[str], rounds: int) -> Iterator[Tuple[int, str]]:
+    """(round, name) for ``rounds`` rounds of every name, the order rotated by one each round."""
+    names = list(names)
+    for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            case = cases[name]
-            if case.setup is not None:
-                case.setup()
-            synchronize(device)
-            ms = time_call(case.fn, device)
-            if r >= warmup:
-                samples[name].append(ms)
+            yield r, name
+
+
+def interleaved(cases: Mapping[str, Case], repeats: int, warmup: int, device: torch.device) -> Dict[str, Stats]:
+    """Time every case ``repeats`` times after ``warmup`` untimed rounds, interleaved in rotating order."""
+    samples: Dict[str, List[float]] = {n: [] for n in cases}
+    for r, name in rotating_rounds(list(cases), warmup + repeats):
+        case = cases[name]
+        if case.setup is not None:
+            case.setup()
+        synchronize(device)
+        ms = time_call(case.fn, device)
+        if r >= warmup:
+            samples[name].append(ms)
     return {n: Stats.of(s) for n, s in samples.items()}
 
 
@@ -113,24 +130,38 @@ def environment(device: torch.device) -> Dict[str, Any]:
     return env
 
 
-def resolve_device(name: str) -> torch.device:
-    """``cpu`` / ``cuda`` / ``cuda:N``, with a clear error when CUDA is asked for but absent."""
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
-    return device
+def bench_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options both benchmarks take (device, threads, --quick, warm-up, layout, classes, seed, output)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=HelpFormatter)
+    add_device_options(p, default="cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes, few repeats: a smoke run for tests")
+    p.add_argument("--warmup", type=int, help="untimed rounds first (default 3, quick 1)")
+    p.add_argument("--channels-last", action="store_true", help="run on channels_last tensors")
+    p.add_argument("--num-classes", type=int, default=100, help="classes of the labels / the model's head")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs, labels and initial weights")
+    p.add_argument("--out", default=out, help="JSON file the results are written to")
+    return p
 
 
-def set_threads(threads: Optional[int]) -> None:
-    if threads:
-        torch.set_num_threads(threads)
+def start(args: argparse.Namespace) -> Tuple[argparse.Namespace, torch.device]:
+    """Apply --threads and resolve --device for a benchmark run -> (args, device)."""
+    set_threads(args.threads)
+    return args, resolve_device(args.device)
+
+
+def finish(out: str, payload: Dict[str, Any]) -> Dict[str, Any]:
+    """Write the run's JSON to `out`, say where; returns the payload."""
+    print(f"\nwrote {write_json(out, payload)}")
+    return payload
 
 
 def fmt_ms(ms: float) -> str:
+    """Milliseconds with three significant-ish digits."""
     return f"{ms:.3f}" if ms < 10 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
 
 
 def fmt_ratio(r: Optional[float]) -> str:
+    """A ratio with two decimals, '-' when missing or not finite."""
     return "-" if r is None or not math.isfinite(r) else f"{r:.2f}"
 
 
@@ -143,11 +174,12 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def write_json(path: str, payload: Dict[str, Any]) -> Path:
+    """Write ``payload`` as indented JSON to ``path`` (parents created); returns the path."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return p
 
 
-__all__ = ["Case", "Stats", "interleaved", "time_call", "synchronize", "environment", "resolve_device",
-           "set_threads", "fmt_ms", "fmt_ratio", "table", "write_json"]
+__all__ = ["Case", "Stats", "interleaved", "rotating_rounds", "time_call", "synchronize", "environment",
+           "bench_parser", "start", "finish", "fmt_ms", "fmt_ratio", "table", "write_json"]
