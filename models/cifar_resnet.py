@@ -14,7 +14,6 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from .common import ClassifierHeadMixin, cifar_cfg, init_weights
-
 from .pyramidnet import pad_channels
 
 __all__ = ["CifarResNet", "CifarBasicBlock"]
