@@ -43,6 +43,7 @@ class Setting:
     layer: int | str | list[int] | None = None
     alpha: float = 1.0
     variant: str = "cutmix"
+    kind: str = "cutmix"  # featmix's mix kind: cutmix, mixup, cutout, cutmix_or_mixup
 
     @property
     def mixes(self) -> bool:
@@ -183,7 +184,7 @@ def build_nets(cfg: RunConfig, setting: Setting, model: nn.Module, num_classes: 
     core: nn.Module = model
     if setting.mixes:
         core = featmix.CutMixAt(model, layer=setting.layer, alpha=setting.alpha, prob=cfg.cutmix_prob,
-                                variant=setting.variant, num_classes=num_classes,
+                                variant=setting.variant, kind=setting.kind, num_classes=num_classes,
                                 label_smoothing=cfg.label_smoothing, generator=mix_gen,
                                 total_steps=total_steps if setting.variant == "scheduled" else None)
     mf = torch.channels_last if cfg.channels_last else torch.contiguous_format

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 ROW_KEYS = (
-    "study", "model", "dataset", "setting", "layer", "alpha", "variant", "cutmix_prob", "seed", "epochs",
+    "study", "model", "dataset", "setting", "layer", "alpha", "variant", "kind", "cutmix_prob", "seed", "epochs",
     "train_size", "test_size", "batch_size", "lr", "best_top1_err", "best_top5_err", "best_epoch",
     "final_top1_err", "final_top5_err", "final_train_loss", "train_time_s", "eval_time_s", "images_per_s",
     "world_size", "device", "config_hash", "finished_at",

@@ -233,7 +233,8 @@ def save_run(run: StudyRun, setting: Setting, seed: int, metrics: dict[str, Any]
     mixes = setting.mixes
     row = {"study": run.study, "model": cfg.model, "dataset": opts["dataset"], "setting": setting.name,
            "layer": setting.layer, "alpha": setting.alpha if mixes else None,
-           "variant": setting.variant if mixes else None, "cutmix_prob": cfg.cutmix_prob if mixes else None,
+           "variant": setting.variant if mixes else None, "kind": setting.kind if mixes else None,
+           "cutmix_prob": cfg.cutmix_prob if mixes else None,
            "seed": seed, "epochs": cfg.epochs, "train_size": data.num_train, "test_size": data.num_test,
            "batch_size": cfg.batch_size, "lr": cfg.lr, **{k: v for k, v in metrics.items() if k != "history"},
            "world_size": run.di.world_size, "device": str(run.di.device), "config_hash": run.chash,

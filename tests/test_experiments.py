@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments import alpha_sweep, data, depth_ablation, engine, feature_cutmix, results, study, variants
+from experiments import alpha_sweep, compare, data, depth_ablation, engine, feature_cutmix, results, study, variants
 from experiments.data import TensorData, balanced_subset, random_crop_flip, read_idx
 from experiments.engine import RunConfig, Setting, lr_factor, train_run
 
@@ -229,6 +229,7 @@ STUDIES = [
     (variants, "variants.png", ["baseline", "cutmix", "center_gaussian", "fixed_size", "scheduled", "one_hot",
                                 "complete_label"]),
     (feature_cutmix, "feature_cutmix.png", ["baseline", "input", "feature_random"]),
+    (compare, "compare.png", ["baseline", "mixup", "manifold_mixup", "cutout", "feature_cutmix", "cutmix"]),
 ]
 
 
@@ -345,3 +346,14 @@ def test_imagefolder_study(tmp_path):
     assert [r["setting"] for r in rows] == ["baseline", "layer1"] and rows[0]["test_size"] == 12
     with pytest.raises(FileNotFoundError, match="train"):
         data.load_dataset(f"imagefolder:{tmp_path / 'nothing'}")
+
+
+def test_compare_writes_table3_with_the_papers_numbers_and_each_kind(tmp_path):
+    compare.main(TINY + ["--out", str(tmp_path)])
+    table = (tmp_path / "table3.md").read_text()
+    for label, imagenet, cifar in compare.PAPER.values():
+        row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+        assert f"| {imagenet:.2f} |" in row and (cifar is None or f"| {cifar:.2f} |" in row)
+    kinds = {r["setting"]: (r["kind"], r["layer"]) for r in results.load_rows(tmp_path)}
+    assert kinds == {"baseline": (None, None), "mixup": ("mixup", 0), "manifold_mixup": ("mixup", "random"),
+                     "cutout": ("cutout", 0), "feature_cutmix": ("cutmix", "random"), "cutmix": ("cutmix", 0)}
