@@ -435,3 +435,13 @@ def test_bench_step_quick_writes_json(tmp_path):
     assert set(graphs) == {"plain", "layer=2"}
     assert all(g["graphs"] >= 1 for g in graphs.values())  # the counting backend saw the compiled graphs
     assert {"worst_overhead_pct", "worst_isolated_pct", "no_recompiles_after_settle"} <= set(data["target"])
+
+
+def test_bench_compiled_quick_writes_json(tmp_path):
+    data = run_module("experiments.bench.compiled", tmp_path / "compiled.json", timeout=300)
+    assert data["benchmark"] == "bench_compiled" and data["quick"] is True
+    assert {(r["model"], r["mode"]) for r in data["results"]} == {("test_resnet:8:32", "eager"),
+                                                                   ("test_resnet:8:32", "default")}
+    for r in data["verdicts"]:
+        assert r["variant"] == "layer=2" and r["ratio"] > 0 and r["graphs_after_warmup"] >= 0
+        assert (r["met"] is None) == (r["mode"] == "eager")
