@@ -110,7 +110,8 @@ def verdicts(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def print_verdicts(rows: List[Dict[str, Any]]) -> None:
-    print(table(["model", "mode", "variant", "plain ms", "mixed ms", "ratio", "paired", "target", "graphs after warm-up"],
+    header = ["model", "mode", "variant", "plain ms", "mixed ms", "ratio", "paired", "target", "graphs after warm-up"]
+    print(table(header,
                 [[r["model"], r["mode"], r["variant"], fmt_ms(r["plain_ms"]), fmt_ms(r["mixed_ms"]),
                   f"{r['ratio']:.3f}", f"{r['paired_ratio']:.3f}",
                   "-" if r["met"] is None else f"<= {r['target_ratio']}: {'MET' if r['met'] else 'MISSED'}",

@@ -23,8 +23,19 @@ from torch import nn
 
 import featmix
 
-from .common import (Case, bench_parser, environment, finish, fmt_ms, interleaved, rotating_rounds, start,
-                     synchronize, table, time_call)
+from .common import (
+    Case,
+    bench_parser,
+    environment,
+    finish,
+    fmt_ms,
+    interleaved,
+    rotating_rounds,
+    start,
+    synchronize,
+    table,
+    time_call,
+)
 
 SETTLE_STEPS = 3  # compiled steps allowed to compile (first call, first backward, first mixed batch)
 Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
