@@ -61,7 +61,7 @@ class FeatureCutMix(nn.Module):
         self._draw: Optional[MixDraw] = None    # set on the chosen site only
         self._variant, self._batch = "cutmix", 0  # the armed draw's variant and batch size
         self._rule, self._per_sample = Rule(), False  # its placement rule (constants for compiled graphs)
-        self._buf: Optional[Tensor] = None      # the draw on the device (``sampling.load_draw``)
+        self._buf: Optional[Tensor] = None      # the draw on the device (``transfer.load_draw``)
         self._record: Optional[Placement] = None
 
     # -- driven by arming.py ----------------------------------------------------------------------
