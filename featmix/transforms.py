@@ -24,6 +24,7 @@ from .transfer import load_draw, unpack_draw
 from .validation import (
     InputTypeError,
     check_flag,
+    check_images,
     check_label_range,
     check_label_smoothing,
     check_labels,
@@ -87,7 +88,8 @@ class _BatchMix(nn.Module):
 
     def _check(self, images: object, labels: object) -> Optional[int]:
         """Validate the batch once; the class count (from num_classes or 2-D labels)."""
-        _check_images(images, floating=self.sampler.kind in ("mixup", "cutmix_or_mixup"))
+        check_images(images, floating=self.sampler.kind in ("mixup", "cutmix_or_mixup"), dims=(4, 5),
+                     why=" for Mixup (it blends pixels)")
         if self.inplace:
             check_writable(images)
         if labels is None and self.sampler.kind == "cutout":
@@ -302,15 +304,3 @@ def _swap(obj: Any, new: Dict[int, Any]) -> Any:
     if isinstance(obj, (tuple, list)):
         return type(obj)(_swap(v, new) for v in obj)
     return obj
-
-
-def _check_images(images: object, floating: bool) -> None:
-    if not isinstance(images, Tensor):
-        raise InputTypeError(f"images must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
-    if floating and not images.is_floating_point():
-        raise InputTypeError(f"images must be a floating-point tensor for Mixup (it blends pixels); got "
-                             f"{images.dtype}: convert with e.g. torchvision.transforms.v2.ToDtype(torch.float32, "
-                             f"scale=True) first")
-    if images.dim() not in (4, 5):
-        raise ValueError(f"images must have 4 dimensions (B, C, H, W) (5 for video: B, T, C, H, W); got shape "
-                         f"{tuple(images.shape)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -63,15 +63,18 @@ def check_flag(value: object, name: str) -> bool:
     return value
 
 
-def check_images(images: object, name: str = "images") -> Tensor:
+def check_images(images: object, name: str = "images", floating: bool = True, dims: Tuple[int, ...] = (4,),
+                 why: str = "") -> Tensor:
+    """A batch of images: a tensor with one of ``dims`` dimensions, floating point when ``floating``."""
     if not isinstance(images, Tensor):
         raise InputTypeError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
-    if not images.is_floating_point():
-        raise InputTypeError(f"{name} must be a floating-point tensor (float32/float16/bfloat16/float64); got "
-                        f"{images.dtype}: convert uint8 images with e.g. "
-                        f"torchvision.transforms.v2.ToDtype(torch.float32, scale=True) first")
-    if images.dim() != 4:
-        raise ValueError(f"{name} must have 4 dimensions (B, C, H, W); got shape {tuple(images.shape)}")
+    if floating and not images.is_floating_point():
+        raise InputTypeError(f"{name} must be a floating-point tensor{why} (float32/float16/bfloat16/float64); got "
+                             f"{images.dtype}: convert uint8 images with e.g. "
+                             f"torchvision.transforms.v2.ToDtype(torch.float32, scale=True) first")
+    if images.dim() not in dims:
+        video = " (5 for video: B, T, C, H, W)" if 5 in dims else ""
+        raise ValueError(f"{name} must have 4 dimensions (B, C, H, W){video}; got shape {tuple(images.shape)}")
     return images
 
 
@@ -83,11 +86,12 @@ def check_labels(labels: object, num_classes: int, batch_size: Optional[int], na
     find a bad index and then calls ``check_label_range`` for the message: one op fewer per batch).
     """
     if not isinstance(labels, Tensor):
-        raise InputTypeError(f"{name} must be a torch.Tensor: class indices (B,) or targets (B, num_classes); got "
-                        f"{type(labels).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor: class indices (B,) or targets (B, num_classes); "
+                             f"got {type(labels).__name__}")
     if labels.dim() == 1:
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise InputTypeError(f"{name} of shape (B,) must hold integer class indices (int64); got {labels.dtype}")
+            raise InputTypeError(f"{name} of shape (B,) must hold integer class indices (int64); got "
+                                 f"{labels.dtype}")
         if check_range:
             check_label_range(labels, num_classes, name)
     elif labels.dim() == 2:
@@ -96,7 +100,7 @@ def check_labels(labels: object, num_classes: int, batch_size: Optional[int], na
                 raise ValueError(f"{name} of shape {tuple(labels.shape)} holds one class index per row: squeeze it "
                                  f"to shape (B,) with {name}.squeeze(1) (or pass float (B, {num_classes}) targets)")
             raise InputTypeError(f"{name} of shape (B, num_classes) must be a floating-point tensor of soft or "
-                            f"multi-hot targets; got {labels.dtype}")
+                                 f"multi-hot targets; got {labels.dtype}")
         if labels.shape[1] != num_classes:
             raise ValueError(f"{name} of shape (B, K) must have K = num_classes = {num_classes}; got shape "
                              f"{tuple(labels.shape)}")
