@@ -185,16 +185,32 @@ def test_checkpointed_timm_model_replays_every_kind(kind, mode):
     assert rel_diff(g_ckpt, g_plain) < 1e-5
 
 
-def test_compiled_per_sample_and_switch_draws_keep_one_graph_per_state():
+@pytest.mark.parametrize("kind,mode,states", [("cutmix_or_mixup", "elem", 2), ("cutmix_or_mixup", "batch", 3),
+                                              ("cutout", "batch", 2)])
+def test_compiled_kinds_keep_one_graph_per_state_and_equal_eager(kind, mode, states):
+    """States: unmixed, and one per kind a batch can get (per-sample switches live in tensors)."""
     from tests.test_compile_ddp import CountingBackend
-    torch._dynamo.reset()
-    backend = CountingBackend()
-    w = featmix.CutMixAt(TinyNet(), layer=2, kind="cutmix_or_mixup", mode="elem", prob=0.7, generator=gen(10))
-    compiled = torch.compile(w, backend=backend).train()
-    for i in range(20):
-        logits, targets = compiled(torch.randn(4, 3, 16, 16, generator=gen(i)), torch.tensor([0, 1, 2, 3]))
-        F.cross_entropy(logits, targets).backward()
-    assert backend.graphs <= 2, backend.graphs
+
+    def run(compile_: bool):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        net = TinyNet()
+        w = featmix.CutMixAt(net, layer=2, kind=kind, mode=mode, prob=0.7, generator=gen(10)).train()
+        backend = CountingBackend()
+        call = torch.compile(w, backend=backend) if compile_ else w
+        out = []
+        for i in range(20):
+            logits, targets = call(torch.randn(4, 3, 16, 16, generator=gen(i)), torch.tensor([0, 1, 2, 3]))
+            F.cross_entropy(logits, targets).backward()
+            out.append((logits.detach(), targets))
+        return out, backend.graphs, net.conv1.weight.grad
+
+    (compiled, graphs, g_c), (eager, _, g_e) = run(True), run(False)
+    assert graphs <= states, graphs
+    for (lc, tc), (le, te) in zip(compiled, eager):
+        torch.testing.assert_close(tc, te, rtol=0, atol=1e-6)
+        torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-5)
 
 
 # -- timm's box options --------------------------------------------------------------------------------
