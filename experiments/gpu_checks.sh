@@ -59,5 +59,14 @@ step bench_step 150 python -m experiments.bench.step --device "$DEVICE" "${sync_
   --out "$OUT/bench_step.json"
 step depth_ablation 200 python -m experiments.depth_ablation --device "$DEVICE" "${data_arg[@]}" \
   "${depth_args[@]}" --no-progress --out "$OUT/depth_ablation"
+# --- study throughput (issue 14): eager / compiled / compiled + --jobs 2 for ResNet-20, baseline + CutMix at the
+# input, 2 seeds x 2 epochs on 5,120 Fashion-MNIST images (or tiny synthetic data with SMOKE=1, dynamo's eager
+# backend). Limit 60 s: with the steps above, the limits add up to 590 s. Table: $OUT/throughput/throughput.md
+throughput_args=()
+[ "$SMOKE" = 1 ] && throughput_args=(--smoke)
+step throughput 60 python -m experiments.throughput --device "$DEVICE" "${data_arg[@]}" "${throughput_args[@]}" \
+  --out "$OUT/throughput"
+# --- end of the study throughput step
+
 echo "gpu_checks: $([ $status -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED), outputs in $OUT"
 exit $status

@@ -248,3 +248,20 @@ def test_importing_the_experiments_changes_no_environment():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_throughput_measures_the_three_configurations_of_one_study():
+    args = throughput.parse(["--device", "cuda", "--data-dir", "d", "--jobs", "3"])
+    argv = throughput.study_args(args, Path("o"))
+    assert argv[argv.index("--model") + 1] == "resnet20_cifar" and argv[argv.index("--layers") + 1] == "0"
+    assert argv[argv.index("--train-subset") + 1] == "5120" and int("5120") % 128 == 0  # one training batch shape
+    assert "--data-dir" in argv and argv[argv.index("--seeds") + 1:argv.index("--seeds") + 3] == ["0", "1"]
+    smoke = throughput.study_args(throughput.parse(["--smoke"]), Path("o"))
+    assert smoke[smoke.index("--dataset") + 1] == "synthetic"
+
+
+@pytest.mark.slow
+def test_throughput_smoke_writes_its_table(tmp_path):
+    out = throughput.main(["--device", "cpu", "--smoke", "--out", str(tmp_path)])
+    table = (out / "throughput.md").read_text()
+    assert "| eager |" in table and "| compiled |" in table and "| compiled + --jobs 2 |" in table
