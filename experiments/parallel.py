@@ -1,7 +1,8 @@
 """`--jobs N`: N (setting, seed) runs of a study at once, each in its own process.
 
 Small models leave a GPU mostly idle, so several runs share it; with several GPUs visible (and `--device`
-auto or cuda) job k uses GPU k mod count; on a CPU the threads are split between the jobs. Each worker
+auto or cuda) job k uses GPU k mod count; on a CPU the threads are split between the jobs (a CPU run's numbers
+depend on its thread count: `--jobs N --threads T` reproduces one-by-one runs with `--threads T/N`). Each worker
 process loads the data once, then trains the runs it is handed with the same `train_run` as the sequential
 path (same seeds -> same numbers: a run's randomness comes from its own seeded streams, never from what ran
 before it in the process) and writes the run's checkpoint; the parent writes the rows and the summary.
@@ -73,7 +74,7 @@ def _train(seed: int, setting: dict[str, Any]) -> dict[str, Any] | None:
         return None
     save_checkpoint(run, s, seed, metrics, state)
     keeper.discard()
-    return {"metrics": metrics, "device": str(run.di.device)}
+    return {"metrics": metrics, "device": str(run.di.device), "threads": torch.get_num_threads()}
 
 
 def run_parallel(run: StudyRun, todo: list[tuple[int, Setting]], jobs: int, deadline: Deadline) -> bool:
@@ -83,7 +84,8 @@ def run_parallel(run: StudyRun, todo: list[tuple[int, Setting]], jobs: int, dead
             "devices": job_devices(dev.type, dev.index, torch.cuda.device_count() if dev.type == "cuda" else 0),
             "threads": threads_per_job(run.opts.get("threads"), jobs, torch.get_num_threads()),
             "deadline_at": deadline.at}
-    print(f"{jobs} jobs on {', '.join(spec['devices'][:jobs])}, {spec['threads']} thread(s) each", flush=True)
+    same = f" (the numbers of one-by-one runs with --threads {spec['threads']})" if dev.type == "cpu" else ""
+    print(f"{jobs} jobs on {', '.join(spec['devices'][:jobs])}, {spec['threads']} thread(s) each{same}", flush=True)
     ctx = mp.get_context("spawn")
     slots = ctx.Queue()
     for k in range(jobs):
@@ -98,7 +100,7 @@ def run_parallel(run: StudyRun, todo: list[tuple[int, Setting]], jobs: int, dead
                 if result is None:
                     stopped = True
                     continue
-                append_result(run, s, seed, result["metrics"], result["device"])
+                append_result(run, s, seed, result["metrics"], result["device"], result["threads"])
                 n_done += 1
                 report_run(n_done, len(todo), s, seed, result["metrics"], t_start)
         except BaseException:

@@ -20,7 +20,7 @@ ROW_KEYS = (
     "study", "model", "dataset", "setting", "layer", "alpha", "variant", "kind", "cutmix_prob", "seed", "epochs",
     "train_size", "test_size", "batch_size", "lr", "best_top1_err", "best_top5_err", "best_epoch",
     "final_top1_err", "final_top5_err", "final_train_loss", "train_time_s", "eval_time_s", "compile_time_s",
-    "compiled_graphs", "images_per_s", "world_size", "device", "config_hash", "finished_at",
+    "compiled_graphs", "images_per_s", "world_size", "device", "threads", "config_hash", "finished_at",
 )
 RULE = "2-SE rule: |mean Δ| > 2·std(Δ)/√n over the n paired seeds"
 ERROR_KEYS = ("best_top1_err", "best_top5_err", "final_top1_err", "final_top5_err", "top1_err", "top5_err")

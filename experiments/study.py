@@ -317,8 +317,10 @@ def save_checkpoint(run: StudyRun, setting: Setting, seed: int, metrics: dict[st
     return path
 
 
-def append_result(run: StudyRun, setting: Setting, seed: int, metrics: dict[str, Any], device: str) -> None:
-    """The run's row in results.jsonl/csv (after its checkpoint: a row always has its checkpoint)."""
+def append_result(run: StudyRun, setting: Setting, seed: int, metrics: dict[str, Any], device: str,
+                  threads: int) -> None:
+    """The run's row in results.jsonl/csv (after its checkpoint: a row always has its checkpoint); `device` and
+    `threads` are those the run trained with (on a CPU the numbers depend on the thread count)."""
     cfg, data, opts = run.cfg, run.data, run.opts
     mixes = setting.mixes
     row = {"study": run.study, "model": cfg.model, "dataset": opts["dataset"], "setting": setting.name,
@@ -327,7 +329,7 @@ def append_result(run: StudyRun, setting: Setting, seed: int, metrics: dict[str,
            "cutmix_prob": cfg.cutmix_prob if mixes else None,
            "seed": seed, "epochs": cfg.epochs, "train_size": data.num_train, "test_size": data.num_test,
            "batch_size": cfg.batch_size, "lr": cfg.lr, **{k: v for k, v in metrics.items() if k != "history"},
-           "world_size": run.di.world_size, "device": device, "config_hash": run.chash,
+           "world_size": run.di.world_size, "device": device, "threads": threads, "config_hash": run.chash,
            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     results.append_row(run.out, row)
 
@@ -335,7 +337,7 @@ def append_result(run: StudyRun, setting: Setting, seed: int, metrics: dict[str,
 def save_run(run: StudyRun, setting: Setting, seed: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
     """The checkpoint, then its row."""
     save_checkpoint(run, setting, seed, metrics, state)
-    append_result(run, setting, seed, metrics, str(run.di.device))
+    append_result(run, setting, seed, metrics, str(run.di.device), torch.get_num_threads())
 
 
 def summarise(run: StudyRun, plot: Callable[[list[dict], Path, str], Path | None] | None) -> None:
