@@ -51,6 +51,15 @@ class Deadline:
 
     at: float | None = None
     progressed: bool = False
+    epoch_s: float = 0.0  # how long the latest epoch took: the estimate for the next one, in any run
+
+    def epoch_done(self, seconds: float) -> None:
+        """Record a trained epoch (this process has made progress) and its duration."""
+        self.progressed, self.epoch_s = True, seconds
+
+    def next_epoch_passes(self) -> bool:
+        """Whether an epoch as long as the latest one would end past the deadline."""
+        return self.passed(self.epoch_s)
 
     @classmethod
     def after_minutes(cls, minutes: float | None, start: float | None = None) -> "Deadline":
@@ -134,8 +143,8 @@ class RunKeeper:
 
     def should_stop(self, run: Run, epoch_seconds: float) -> bool:
         """Stop when another epoch as long as the last one would end past the deadline (rank 0 decides)."""
-        self.deadline.progressed = True
-        return agree(self.deadline.passed(epoch_seconds), run.di)
+        self.deadline.epoch_done(epoch_seconds)
+        return agree(self.deadline.next_epoch_passes(), run.di)
 
     def discard(self) -> None:
         """The run is finished and its checkpoint written: the resume state is no longer needed."""

@@ -66,7 +66,7 @@ def _train(seed: int, setting: dict[str, Any]) -> dict[str, Any] | None:
     deadline stopped it (or came before it started)."""
     run, deadline = _WORKER["run"], _WORKER["deadline"]
     s = Setting(**setting)
-    if deadline.passed():
+    if deadline.next_epoch_passes():
         return None
     keeper = RunKeeper(resume_path(run.out, s, seed), run.chash, s, seed, deadline)
     metrics, state = train_run(run.cfg, s, seed, run.data, run.di, keeper=keeper)

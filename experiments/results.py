@@ -68,13 +68,17 @@ def round_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def append_row(out: str | Path, row: dict[str, Any]) -> None:
-    """Append one run, rounded (`round_row`), to results.jsonl (all keys) and results.csv (`ROW_KEYS`, or the
-    columns of the file's existing header)."""
+    """Append one run to results.jsonl (all keys, as computed) and, rounded (`round_row`), to results.csv
+    (`ROW_KEYS`, or the columns of the file's existing header).
+
+    The JSON lines keep each float as computed: the summary's means are taken from them, and a mean that
+    falls exactly on a tie at its second decimal (17.625 from 18.12 and 17.13) is printed as it always was
+    only from the values as computed (rounded first, 17.625 prints as 17.62; as computed, 17.63)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    row = round_row(row)
     with open(out / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
+    row = round_row(row)
     csv_path = out / "results.csv"
     header = None
     if csv_path.exists() and csv_path.stat().st_size > 0:

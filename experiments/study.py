@@ -374,7 +374,7 @@ def run_sequential(run: StudyRun, todo: list[tuple[int, Setting]], deadline: Dea
     t_start = time.perf_counter()
     say = print if run.di.is_main else (lambda *a, **k: None)
     for i, (seed, s) in enumerate(todo, 1):
-        if agree(deadline.passed(), run.di):
+        if agree(deadline.next_epoch_passes(), run.di):
             return True
         keeper = RunKeeper(resume_path(run.out, s, seed), run.chash, s, seed, deadline, say)
         metrics, state = train_run(run.cfg, s, seed, run.data, run.di, progress, desc=f"{s.name} seed{seed}",

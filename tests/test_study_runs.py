@@ -118,6 +118,8 @@ def test_deadline_needs_progress_and_looks_ahead(monkeypatch):
     d.progressed = True
     now[0] = 1030.0
     assert not d.passed(20.0) and d.passed(40.0)  # an epoch of 40 s would end past it
+    d.epoch_done(40.0)  # the next run's first epoch is judged by the latest epoch's length
+    assert d.next_epoch_passes() and not checkpoint.Deadline(d.at, True, 20.0).next_epoch_passes()
 
 
 def test_jobs_equal_one_by_one(tmp_path):
