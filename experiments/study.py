@@ -9,7 +9,8 @@ processes (`experiments.parallel`); under `torchrun` the same command trains wit
 and only rank 0 writes. On CUDA the fast path is on by default (`experiments.fast`).
 
 Exit status: 0 done, 2 a usage error (one message on stderr; `--debug` shows the traceback), 3 stopped by
-`--max-minutes` (run the same command again to continue).
+`--max-minutes` (run the same command again to continue; 0 under torchrun, which reports any other status
+as a failed worker).
 """
 from __future__ import annotations
 
@@ -449,6 +450,7 @@ def main(study: str, description: str, argv: Sequence[str] | None, options: Sequ
             print(f"{p.prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except StudyStopped as e:
+        ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun reports any other status as a failure
         if os.environ.get("RANK", "0") == "0":
-            print(f"{study}: {e}", file=sys.stderr)
-        raise SystemExit(3) from None
+            print(f"{study}: {e}{' (exit status 0 under torchrun)' if ddp else ''}", file=sys.stderr)
+        raise SystemExit(0 if ddp else 3) from None

@@ -152,3 +152,32 @@ def test_compiled_study_reuses_graphs_and_equals_eager(tmp_path):
     compiled = {k: {f: v for f, v in r.items() if f not in strip} for k, r in _measured(tmp_path / "compiled").items()}
     assert eager == compiled
     assert _same_weights(_weights(tmp_path / "eager"), _weights(tmp_path / "compiled"))
+
+
+@pytest.mark.slow
+def test_ddp_interrupted_and_resumed_equals_uninterrupted(tmp_path):
+    """Under torchrun (2 processes, gloo) rank 0 gathers both ranks' streams into the per-epoch state and
+    hands them back on resume: stopped after every epoch, the study ends with the uninterrupted numbers."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    def torchrun(out: Path, extra: list[str]) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "experiments.depth_ablation", *TINY, "--epochs", "2", "--seeds", "0",
+               "--device", "cpu", "--threads", "1", "--out", str(out), *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        root = Path(__file__).resolve().parents[1]
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]  # a stop, too: torchrun's rule
+        return proc.stderr
+
+    torchrun(tmp_path / "straight", [])
+    stops = ["stopped by --max-minutes" in torchrun(tmp_path / "cut", ["--max-minutes", "1e-6"]) for _ in range(4)]
+    assert stops == [True, True, True, False]  # 2 runs x 2 epochs, one epoch per invocation
+    assert _measured(tmp_path / "straight") == _measured(tmp_path / "cut")
+    assert _same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / "cut"))
