@@ -78,20 +78,24 @@ def _train(seed: int, setting: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def run_parallel(run: StudyRun, todo: list[tuple[int, Setting]], jobs: int, deadline: Deadline) -> bool:
-    """Train `todo` on `jobs` worker processes; the rows are written here as runs finish. True if stopped."""
+    """Train `todo` on min(`jobs`, runs) worker processes, each with the threads of a `jobs`-way split (so a
+    resumed study's last run computes what it would have alongside the others); the rows are written here
+    as runs finish. True if the deadline stopped it."""
     dev = run.di.device
     spec = {"study": run.study, "opts": run.opts, "out": str(run.out), "chash": run.chash,
             "devices": job_devices(dev.type, dev.index, torch.cuda.device_count() if dev.type == "cuda" else 0),
             "threads": threads_per_job(run.opts.get("threads"), jobs, torch.get_num_threads()),
             "deadline_at": deadline.at}
     same = f" (the numbers of one-by-one runs with --threads {spec['threads']})" if dev.type == "cpu" else ""
-    print(f"{jobs} jobs on {', '.join(spec['devices'][:jobs])}, {spec['threads']} thread(s) each{same}", flush=True)
+    workers = min(jobs, len(todo))
+    print(f"{workers} jobs on {', '.join(spec['devices'][:workers])}, {spec['threads']} thread(s) each{same}",
+          flush=True)
     ctx = mp.get_context("spawn")
     slots = ctx.Queue()
-    for k in range(jobs):
+    for k in range(workers):
         slots.put(k)
     stopped, t_start, n_done = False, time.perf_counter(), 0
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(spec, slots)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(spec, slots)) as pool:
         futures = {pool.submit(_train, seed, asdict(s)): (seed, s) for seed, s in todo}
         try:
             for fut in as_completed(futures):

@@ -402,7 +402,7 @@ def run_study(study: str, args: argparse.Namespace, make_settings: Callable[[dic
     run = prepare(study, args, make_settings, flags)
     todo = runs_to_do(run)
     progress = not run.opts["no_progress"] and sys.stderr.isatty()
-    jobs = min(run.opts["jobs"], max(len(todo), 1))
+    jobs = run.opts["jobs"]
     if run.di.is_main:
         speed = ", ".join(k for k in ("amp", "channels_last", "compile") if run.opts[k]) or "eager fp32"
         print(f"{study}: {len(run.settings)} settings x {len(run.seeds)} seeds on {run.opts['dataset']} "
@@ -410,7 +410,7 @@ def run_study(study: str, args: argparse.Namespace, make_settings: Callable[[dic
               f"{run.cfg.epochs} epochs, device {run.di.device} x{run.di.world_size} ({speed}), {jobs} job(s); "
               f"{len(todo)} runs to do, {len(run.settings) * len(run.seeds) - len(todo)} already finished in "
               f"{run.out}", flush=True)
-    if jobs > 1:
+    if jobs > 1 and todo:  # even for one run: its threads are those of the N-way split, as for the others
         from .parallel import run_parallel
         stopped = run_parallel(run, todo, jobs, deadline)
     else:

@@ -132,6 +132,10 @@ def test_jobs_equal_one_by_one(tmp_path):
     assert _same_weights(_weights(tmp_path / "seq"), _weights(tmp_path / "par"))
     summary = [(tmp_path / d / "summary.md").read_text() for d in ("seq", "par")]
     assert summary[0] == summary[1]
+    (tmp_path / "par" / "ckpt" / "layer2_seed1.pt").unlink()  # one run left: still a job with the 2-way split
+    depth_ablation.main(args + ["--out", str(tmp_path / "par"), "--threads", "2", "--jobs", "2"])
+    assert _measured(tmp_path / "par") == seq and len(results.load_rows(tmp_path / "par")) == 5
+    assert _same_weights(_weights(tmp_path / "seq"), _weights(tmp_path / "par"))
 
 
 def test_compiled_study_reuses_graphs_and_equals_eager(tmp_path):
