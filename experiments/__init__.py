@@ -1,21 +1,17 @@
 """featmix's experiments, in three rooms (run from a checkout: `python -m experiments.<module>`).
 
-Studies (this folder): `depth_ablation`, `alpha_sweep`, `variants`, `feature_cutmix` are thin entry
-points over `study` (options, recipes, settings x seeds with resume), `engine` (one training run),
-`data` (datasets held on the device), `results` (rows, summary, tables and plots) and `cli` (the
-command-line pieces every tool shares). Evaluation of checkpoints: `experiments.evaluation` (one
-module per measurement). Speed benchmarks: `experiments.bench` (`mixing`, `step`). `evaluate`,
+Studies (this folder): `depth_ablation`, `alpha_sweep`, `variants`, `feature_cutmix`, `compare` are thin
+entry points over `study` (options, recipes, settings x seeds, resume), `engine` (one training run),
+`validate` (every option and setting checked before training), `checkpoint` (per-epoch state, resume,
+`--max-minutes`), `parallel` (`--jobs`), `fast` (the CUDA defaults and torch.compile), `data` (datasets
+held on the device), `results` (rows, summary, tables and plots) and `cli` (the command-line pieces every
+tool shares); `throughput` times the studies' fast path. Evaluation of checkpoints: `experiments.evaluation`
+(one module per measurement). Speed benchmarks: `experiments.bench` (`mixing`, `step`). `evaluate`,
 `bench_mixing` and `bench_step` are aliases of the moved commands.
 
-OpenMP threads that spin while waiting slow everything down when the CPU is shared (README: "Results"),
-so the studies and the evaluation default to passive waiting. It only takes effect when this package
-is imported before torch, as `python -m experiments.<module>` does; set OMP_WAIT_POLICY yourself to
-override. The benchmarks keep the OpenMP default a user's own training script gets: passive waiting
-makes every short parallel region pay a thread wake-up, which would misstate what mixing costs there.
+Importing this package changes nothing in the environment. The study and evaluation commands, run as
+`python -m ...`, set OMP_WAIT_POLICY=PASSIVE (unless it is set) in their entry module before torch loads
+OpenMP, which reads it once: on CPU cores shared with other work, OpenMP threads that spin while waiting
+made a training epoch 5-13x slower than passive ones (README: "Results"); on idle cores it makes no
+measurable difference. The benchmarks keep OpenMP's default, as a user's own training script has it.
 """
-import os
-import sys
-
-_MAIN = next((a for a in getattr(sys, "orig_argv", [])[1:] if a.startswith("experiments.")), "")
-if not _MAIN.startswith(("experiments.bench.", "experiments.bench_")):
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -3,6 +3,11 @@ layer index, against the baseline without CutMix, over paired seeds.
 """
 from __future__ import annotations
 
+import os
+
+if __name__ == "__main__":  # a command, not an import: OpenMP reads this once, as torch loads
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +34,8 @@ OPTIONS: list[study.Option] = [
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """`python -m experiments.alpha_sweep`: run the study (see --help); returns its output directory."""
-    return study.main("alpha_sweep", __doc__, argv, OPTIONS, make_settings, plot)
+    return study.main("alpha_sweep", __doc__, argv, OPTIONS, make_settings, plot,
+                      flags={"layer": "--layer", "alpha": "--alphas"})
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Command-line pieces every experiment tool shares: KEY=VALUE options, the help layout, device and threads.
+"""Command-line pieces every experiment tool shares: KEY=VALUE options, the help layout, short usage errors,
+device and threads.
 
 The studies (`experiments.study`), the evaluation (`experiments.evaluation`) and the benchmarks
 (`experiments.bench`) import these from here, so no tool depends on another tool's module.
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -23,14 +24,28 @@ def model_kwarg(text: str) -> tuple[str, Any]:
         return key, value
 
 
+class UsageError(Exception):
+    """A mistake in the command line or in what it points at: the tools print the message alone and exit 2."""
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keep the description's own layout; add '(default: X)' to options with a default their help does not state."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and action.default != [] and "default" not in text:
+        d = action.default
+        unset = d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, list) and not d)
+        if not unset and "default" not in text:  # 0 and 0.0 are defaults to show (0 == False, but not `is`)
             text += " (default: %(default)s)"
         return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with two-line errors: the usage line names --help instead of listing every option."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print 'usage: PROG [options] (see --help)' and 'PROG: error: MESSAGE' on stderr; exit 2."""
+        self.exit(2, f"usage: {self.prog} [options] (see --help)\n{self.prog}: error: {message}\n")
 
 
 def add_device_options(group: Any, default: str = "auto") -> None:

@@ -90,13 +90,15 @@ def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> dict[str, P
 
 
 def _missing_dataset_error(name: str, data_dir: str | None) -> FileNotFoundError:
-    where = f"--data-dir {data_dir}" if data_dir else "no --data-dir"
-    hint = ("  - apt-get install -y dataset-fashion-mnist   (Debian's copy, found automatically in "
-            f"{DEBIAN_FASHION_MNIST})\n" if name == "fashion-mnist" else "")
-    return FileNotFoundError(
-        f"dataset {name!r} not found ({where}). Options:\n{hint}"
-        "  - --data-dir DIR   pointing at a directory that holds the files\n"
-        "  - --download       let torchvision download it into --data-dir (needs internet)")
+    """Two lines: where the data was looked for, and the ways to provide it."""
+    fashion = name == "fashion-mnist"
+    if data_dir:
+        where = f"in --data-dir {data_dir}" + (f" nor in {DEBIAN_FASHION_MNIST}" if fashion else "")
+    else:
+        where = f"in {DEBIAN_FASHION_MNIST if fashion else './data'} (no --data-dir)"
+    apt = "apt-get install -y dataset-fashion-mnist, " if fashion else ""
+    return FileNotFoundError(f"--dataset {name}: not found {where}\n"
+                             f"  provide it: {apt}--data-dir DIR holding the files, or --download (needs internet)")
 
 
 @dataclass
@@ -295,7 +297,8 @@ class FolderData:
     """
 
     def __init__(self, root: str, image_size: int = 224, workers: int = 4) -> None:
-        from torchvision import datasets, transforms as T
+        from torchvision import datasets
+        from torchvision import transforms as T
         root_p = Path(root)
         test_dir = next((root_p / d for d in ("val", "test") if (root_p / d).is_dir()), None)
         if not (root_p / "train").is_dir() or test_dir is None:

@@ -7,6 +7,11 @@ With no arguments: the fast CPU recipe (ResNet-8 on a fixed 1,000-image Fashion-
 """
 from __future__ import annotations
 
+import os
+
+if __name__ == "__main__":  # a command, not an import: OpenMP reads this once, as torch loads
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,7 +37,8 @@ OPTIONS: list[study.Option] = [
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """`python -m experiments.depth_ablation`: run the study (see --help); returns its output directory."""
-    return study.main("depth_ablation", __doc__, argv, OPTIONS, make_settings, plot)
+    return study.main("depth_ablation", __doc__, argv, OPTIONS, make_settings, plot,
+                      flags={"layer": "--layers"})
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ Randomness is split into independent streams, each from its own seed derived fro
 initial weights, data order, augmentation and mixing. So seed k of the baseline and seed k of every
 CutMix setting start from the same weights and see the same images, in the same order, with the same
 crops and flips; only the mixing differs. That pairing is what lets the studies resolve small effects.
+
+A run is `start_run` (build everything), then `run_epoch` until done; `train_run` drives it and can hand
+each finished epoch to a keeper (`experiments.checkpoint`) that saves the whole state, resumes from it and
+stops at an epoch boundary, so a resumed run ends bit for bit where an uninterrupted one does.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import timm
@@ -25,6 +29,7 @@ import featmix
 import models  # noqa: F401  (registers the CIFAR models with timm)
 
 from .data import FolderData, TensorData
+from .fast import CompileClock, compile_module, mark_step, uses_cuda_graphs
 
 # Random streams; the numbers are part of the experiment's definition, do not renumber.
 INIT, ORDER, AUG, MIX, GLOBAL = range(5)
@@ -72,6 +77,13 @@ class RunConfig:
     amp: bool = False
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode (inductor): default, reduce-overhead, ...
+    compile_backend: str = "inductor"
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the compiled model replays CUDA graphs."""
+        return uses_cuda_graphs(self.compile, self.compile_mode, self.compile_backend)
 
 
 @dataclass
@@ -131,14 +143,17 @@ def autocast_ctx(cfg: RunConfig, device: torch.device) -> contextlib.AbstractCon
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, data: TensorData | FolderData, cfg: RunConfig, di: DistInfo) -> tuple[float, float]:
+def evaluate(net: nn.Module, data: TensorData | FolderData, cfg: RunConfig, di: DistInfo,
+             clock: CompileClock | None = None) -> tuple[float, float]:
     """Top-1 and top-5 error (%) on the (sharded) test set; counts are summed over ranks."""
     net.eval()
     k = min(5, data.num_classes)
     counts = torch.zeros(3, dtype=torch.float64, device=di.device)  # correct@1, correct@k, n
     mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    clock = clock or CompileClock(False)
     for x, y in data.test_batches(cfg.eval_batch_size, di.rank, di.world_size):
-        with autocast_ctx(cfg, di.device):
+        mark_step(cfg.cuda_graphs)
+        with clock.call(), autocast_ctx(cfg, di.device):
             logits = net(x.contiguous(memory_format=mf))
         top = logits.topk(k, dim=1).indices
         hit = top == y[:, None]
@@ -168,14 +183,32 @@ class Streams:
                    torch.Generator().manual_seed(derive_seed(seed, AUG, rank)),
                    torch.Generator().manual_seed(derive_seed(seed, MIX, rank)))
 
+    def state_dict(self, device: torch.device) -> dict[str, Any]:
+        """Every stream's state: the three generators and the global RNG (CPU, and `device`'s when CUDA)."""
+        state = {"order": self.order.get_state(), "aug": self.aug.get_state(), "mix": self.mix.get_state(),
+                 "global": torch.get_rng_state()}
+        if device.type == "cuda":
+            state["global_cuda"] = torch.cuda.get_rng_state(device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        """Put back the streams of `state_dict`."""
+        for name in ("order", "aug", "mix"):
+            getattr(self, name).set_state(state[name])
+        torch.set_rng_state(state["global"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["global_cuda"], device)
+
 
 @dataclass
 class Nets:
-    """The model as trained (CutMixAt-wrapped, DDP, compiled as asked) and as evaluated, and its memory format."""
+    """The model as trained (CutMixAt-wrapped, DDP, compiled as asked) and as evaluated, its memory format, and
+    the mixing sampler (None for the baseline) whose step is part of a run's state."""
 
     train: nn.Module
     eval: nn.Module
     memory_format: torch.memory_format
+    sampler: featmix.MixSampler | None = None
 
 
 def build_nets(cfg: RunConfig, setting: Setting, model: nn.Module, num_classes: int, mix_gen: torch.Generator,
@@ -189,13 +222,15 @@ def build_nets(cfg: RunConfig, setting: Setting, model: nn.Module, num_classes: 
                                 total_steps=total_steps if setting.variant == "scheduled" else None)
     mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
     core = core.to(di.device, memory_format=mf)
+    sampler = core.sampler if setting.mixes else None
     train_net: nn.Module = core
     if di.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_net = DDP(core, device_ids=[di.device.index] if di.device.type == "cuda" else None)
     if cfg.compile:
-        return Nets(torch.compile(train_net), torch.compile(core), mf)
-    return Nets(train_net, core, mf)
+        return Nets(compile_module(train_net, cfg.compile_mode, cfg.compile_backend),
+                    compile_module(core, cfg.compile_mode, cfg.compile_backend), mf, sampler)
+    return Nets(train_net, core, mf, sampler)
 
 
 @dataclass
@@ -226,17 +261,23 @@ def build_optimisation(cfg: RunConfig, model: nn.Module, total_steps: int, steps
 
 
 def train_epoch(cfg: RunConfig, setting: Setting, nets: Nets, optim: Optimisation, data: TensorData | FolderData,
-                per_rank_batch: int, streams: Streams, di: DistInfo) -> dict[str, Any]:
-    """One epoch of training -> {'train_loss', 'train_acc' (%), 'n', 'seconds'} summed over ranks."""
+                per_rank_batch: int, streams: Streams, di: DistInfo,
+                clock: CompileClock | None = None) -> dict[str, Any]:
+    """One epoch of training -> {'train_loss', 'train_acc' (%), 'n', 'seconds'} summed over ranks; the time and
+    images of steps that compiled go to `clock`, not into 'seconds'."""
     t0 = time.perf_counter()
+    clock = clock or CompileClock(False)
+    compiled_before = clock.seconds
     ls = 0.0 if setting.mixes else cfg.label_smoothing  # CutMixAt smooths its own targets
     sums = torch.zeros(3, dtype=torch.float64, device=di.device)  # loss * n, correct, n
     for x, y in data.train_batches(per_rank_batch, streams.order, streams.aug, di.rank, di.world_size):
         x = x.contiguous(memory_format=nets.memory_format)
-        with autocast_ctx(cfg, di.device):
-            logits, targets = nets.train(x, y) if setting.mixes else (nets.train(x), y)
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=ls)
-        optim.step(loss)
+        mark_step(cfg.cuda_graphs)
+        with clock.call(y.shape[0] * di.world_size):
+            with autocast_ctx(cfg, di.device):
+                logits, targets = nets.train(x, y) if setting.mixes else (nets.train(x), y)
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=ls)
+            optim.step(loss)
         with torch.no_grad():  # accumulate on the device: no host sync per batch
             sums[0] += loss.detach().double() * y.shape[0]
             sums[1] += (logits.argmax(1) == y).sum()
@@ -245,7 +286,7 @@ def train_epoch(cfg: RunConfig, setting: Setting, nets: Nets, optim: Optimisatio
         dist.all_reduce(sums)
     loss_sum, correct, n_seen = sums.tolist()  # one device sync per epoch
     return {"train_loss": loss_sum / n_seen, "train_acc": 100 * correct / n_seen, "n": int(n_seen),
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0 - (clock.seconds - compiled_before)}
 
 
 @dataclass
@@ -270,62 +311,125 @@ class RunLog:
             self.best1, self.best_epoch = top1, epoch
         self.best5 = min(self.best5, top5)
 
-    def metrics(self) -> dict[str, Any]:
-        """The run's metrics: best/final errors, final loss, times, throughput, history."""
+    def metrics(self, clock: CompileClock | None = None) -> dict[str, Any]:
+        """The run's metrics: best/final errors, final loss, times (compilation apart), throughput, history."""
+        clock = clock or CompileClock(False)
         return {"best_top1_err": self.best1, "best_top5_err": self.best5, "best_epoch": self.best_epoch,
                 "final_top1_err": self.top1, "final_top5_err": self.top5,
                 "final_train_loss": self.history[-1]["train_loss"], "train_time_s": self.train_time,
-                "eval_time_s": self.eval_time, "images_per_s": self.images / max(self.train_time, 1e-9),
-                "history": self.history}
+                "eval_time_s": self.eval_time, "compile_time_s": clock.seconds, "compiled_graphs": clock.graphs,
+                "images_per_s": (self.images - clock.images) / max(self.train_time, 1e-9), "history": self.history}
 
 
-def _evaluate_now(cfg: RunConfig, model: nn.Module, nets: Nets, data: TensorData | FolderData, di: DistInfo,
-                  epoch: int, log: RunLog) -> dict[str, float]:
-    t1 = time.perf_counter()
-    if di.world_size > 1:  # evaluate rank 0's BN statistics on every shard
-        for b in model.buffers():
-            dist.broadcast(b, 0)
-    top1, top5 = evaluate(nets.eval, data, cfg, di)
-    log.evaluated(epoch, top1, top5, time.perf_counter() - t1)
-    return {"top1_err": top1, "top5_err": top5}
+@dataclass
+class Run:
+    """One training run in progress: what it trains, everything it holds, and how many epochs are done."""
+
+    cfg: RunConfig
+    setting: Setting
+    seed: int
+    data: TensorData | FolderData
+    di: DistInfo
+    model: nn.Module
+    streams: Streams
+    nets: Nets
+    optim: Optimisation
+    per_rank_batch: int
+    log: RunLog = field(default_factory=RunLog)
+    clock: CompileClock = field(default_factory=lambda: CompileClock(False))
+    epoch: int = 0
+
+    @property
+    def done(self) -> bool:
+        """Whether every epoch has been trained."""
+        return self.epoch >= self.cfg.epochs
 
 
-def train_run(cfg: RunConfig, setting: Setting, seed: int, data: TensorData | FolderData,
-              di: DistInfo | None = None, progress: bool = False, desc: str = "") -> tuple[dict, dict]:
-    """Train one run -> (metrics: errors in %, times in s, per-epoch history; the model's state_dict)."""
-    di = di or DistInfo()
-    model = build_model(cfg, data.num_classes, data.in_chans, seed)
-    streams = Streams.seeded(seed, di.rank)
+def start_run(cfg: RunConfig, setting: Setting, seed: int, data: TensorData | FolderData, di: DistInfo) -> Run:
+    """Build a run at epoch 0: seeded model, streams, (wrapped, compiled) nets, SGD and its schedule."""
     per_rank_batch = cfg.batch_size // di.world_size
     if per_rank_batch * di.world_size != cfg.batch_size:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the world size {di.world_size}")
+    model = build_model(cfg, data.num_classes, data.in_chans, seed)
+    streams = Streams.seeded(seed, di.rank)
     steps_per_epoch = math.ceil((data.num_train // di.world_size) / per_rank_batch)
     total_steps = steps_per_epoch * cfg.epochs
     nets = build_nets(cfg, setting, model, data.num_classes, streams.mix, total_steps, di)
     optim = build_optimisation(cfg, model, total_steps, steps_per_epoch, di.device)
-    log = RunLog()
-    bar = _progress_bar(cfg.epochs, desc) if progress and di.is_main else None
     nets.train.train()
-    for epoch in range(1, cfg.epochs + 1):
-        rec = train_epoch(cfg, setting, nets, optim, data, per_rank_batch, streams, di)
-        log.train_time += rec["seconds"]
-        log.images += rec["n"]
-        if not math.isfinite(rec["train_loss"]):
-            raise RuntimeError(f"{setting.name} seed {seed}: training loss is {rec['train_loss']} at epoch "
-                               f"{epoch}; lower --lr or check the data")
-        entry = {"epoch": epoch, "train_loss": rec["train_loss"], "train_acc": rec["train_acc"]}
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-            entry.update(_evaluate_now(cfg, model, nets, data, di, epoch, log))
-        log.history.append(entry)
+    return Run(cfg, setting, seed, data, di, model, streams, nets, optim, per_rank_batch,
+               clock=CompileClock(cfg.compile))
+
+
+def _evaluate_now(run: Run) -> dict[str, float]:
+    t1 = time.perf_counter()
+    compiled_before = run.clock.seconds
+    if run.di.world_size > 1:  # evaluate rank 0's BN statistics on every shard
+        for b in run.model.buffers():
+            dist.broadcast(b, 0)
+    top1, top5 = evaluate(run.nets.eval, run.data, run.cfg, run.di, run.clock)
+    run.log.evaluated(run.epoch, top1, top5, time.perf_counter() - t1 - (run.clock.seconds - compiled_before))
+    return {"top1_err": top1, "top5_err": top5}
+
+
+def run_epoch(run: Run) -> dict[str, Any]:
+    """Train the next epoch (and evaluate when due); returns the epoch's record (with 'seconds' of training)."""
+    cfg = run.cfg
+    rec = train_epoch(cfg, run.setting, run.nets, run.optim, run.data, run.per_rank_batch, run.streams, run.di,
+                      run.clock)
+    run.epoch += 1
+    run.log.train_time += rec["seconds"]
+    run.log.images += rec["n"]
+    if not math.isfinite(rec["train_loss"]):
+        raise RuntimeError(f"{run.setting.name} seed {run.seed}: training loss is {rec['train_loss']} at epoch "
+                           f"{run.epoch}; lower --lr or check the data")
+    entry = {"epoch": run.epoch, "train_loss": rec["train_loss"], "train_acc": rec["train_acc"]}
+    if run.epoch % cfg.eval_every == 0 or run.epoch == cfg.epochs:
+        entry.update(_evaluate_now(run))
+    run.log.history.append(entry)
+    return rec
+
+
+class Keeper(Protocol):
+    """What `train_run` asks of a checkpoint keeper (`experiments.checkpoint.RunKeeper`)."""
+
+    def restore(self, run: Run) -> None:
+        """Put the saved state (if any) into a freshly started run."""
+
+    def save(self, run: Run) -> None:
+        """Save the run's whole state after an epoch."""
+
+    def should_stop(self, run: Run, epoch_seconds: float) -> bool:
+        """Whether to stop now, at this epoch boundary (the same answer on every rank)."""
+
+
+def train_run(cfg: RunConfig, setting: Setting, seed: int, data: TensorData | FolderData,
+              di: DistInfo | None = None, progress: bool = False, desc: str = "",
+              keeper: Keeper | None = None) -> tuple[dict | None, dict | None]:
+    """Train one run -> (metrics: errors in %, times in s, per-epoch history; the model's state_dict), or
+    (None, None) when `keeper` stopped it at an epoch boundary (its state saved for the same call to resume)."""
+    run = start_run(cfg, setting, seed, data, di or DistInfo())
+    if keeper is not None:
+        keeper.restore(run)
+    bar = _progress_bar(cfg.epochs, run.epoch, desc) if progress and run.di.is_main else None
+    while not run.done:
+        t0 = time.perf_counter()
+        rec = run_epoch(run)
+        if keeper is not None and not run.done:
+            keeper.save(run)
         if bar is not None:
             bar.set_postfix(loss=f"{rec['train_loss']:.3f}", acc=f"{rec['train_acc']:.1f}",
-                            img_s=f"{rec['n'] / rec['seconds']:.0f}", err=f"{log.top1:.2f}")
+                            img_s=f"{rec['n'] / max(rec['seconds'], 1e-9):.0f}", err=f"{run.log.top1:.2f}")
             bar.update()
+        if keeper is not None and keeper.should_stop(run, time.perf_counter() - t0) and not run.done:
+            break
     if bar is not None:
         bar.close()
-    return log.metrics(), model.state_dict()
+    if not run.done:
+        return None, None
+    return run.log.metrics(run.clock), run.model.state_dict()
 
 
-def _progress_bar(epochs: int, desc: str) -> Any:
+def _progress_bar(epochs: int, done: int, desc: str) -> Any:
     from tqdm.auto import tqdm
-    return tqdm(total=epochs, desc=desc, unit="ep", leave=False, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=epochs, initial=done, desc=desc, unit="ep", leave=False, dynamic_ncols=True, file=sys.stderr)

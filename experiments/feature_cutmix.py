@@ -3,10 +3,16 @@ at random for every batch (featmix's layer="random", or a list of layer indices)
 """
 from __future__ import annotations
 
+import os
+
+if __name__ == "__main__":  # a command, not an import: OpenMP reads this once, as torch loads
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from pathlib import Path
 from typing import Any, Sequence
 
 from . import results, study
+from .cli import UsageError
 from .engine import Setting
 
 
@@ -20,7 +26,8 @@ def make_settings(opts: dict[str, Any]) -> list[Setting]:
     if layers == ["random"]:
         feature = Setting("feature_random", layer="random", alpha=opts["alpha"])
     elif "random" in layers:
-        raise SystemExit("--feature-layers: either 'random' or a list of layer indices")
+        got = " ".join(map(str, layers))
+        raise UsageError(f"--feature-layers: expected 'random' alone or layer indices, got {got}")
     else:
         feature = Setting("feature_" + "-".join(map(str, layers)), layer=list(layers), alpha=opts["alpha"])
     return [Setting("baseline"), Setting("input", layer=0, alpha=opts["alpha"]), feature]
@@ -41,7 +48,8 @@ OPTIONS: list[study.Option] = [
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """`python -m experiments.feature_cutmix`: run the study (see --help); returns its output directory."""
-    return study.main("feature_cutmix", __doc__, argv, OPTIONS, make_settings, plot)
+    return study.main("feature_cutmix", __doc__, argv, OPTIONS, make_settings, plot,
+                      flags={"layer": "--feature-layers"})
 
 
 if __name__ == "__main__":

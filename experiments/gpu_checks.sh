@@ -49,8 +49,9 @@ else
   compiled_args=(--models resnet20_cifar:128:32 --layers 2)
   # a larger depth ablation than the CPU default: ResNet-20 on 5k images, 20 epochs, 2 seeds (resumable:
   # if the limit cuts it, the finished runs are in results.csv and a rerun continues)
+  # (--no-compile: the studies compile by default on CUDA; the throughput step measures that)
   depth_args=(--model resnet20_cifar --train-subset 5000 --epochs 20 --eval-every 10 --seeds 0 1 --amp
-              --channels-last)
+              --channels-last --no-compile)
 fi
 sync_arg=()
 [ "$DEVICE" = cuda ] && sync_arg=(--sync-debug)
@@ -68,6 +69,14 @@ step bench_compiled 150 python -m experiments.bench.compiled --device "$DEVICE" 
   --out "$WORK/bench_compiled.json"
 step depth_ablation 100 python -m experiments.depth_ablation --device "$DEVICE" "${data_arg[@]}" \
   "${depth_args[@]}" --no-progress --out "$WORK/depth_ablation"
+# --- study throughput (issue 14): eager / compiled / compiled + --jobs 2 for ResNet-20, baseline + CutMix at the
+# input, 2 seeds x 2 epochs on 5,120 Fashion-MNIST images (or tiny synthetic data with SMOKE=1, dynamo's eager
+# backend). Table: $WORK/throughput/throughput.md
+throughput_args=()
+[ "$SMOKE" = 1 ] && throughput_args=(--smoke)
+step throughput 60 python -m experiments.throughput --device "$DEVICE" "${data_arg[@]}" "${throughput_args[@]}" \
+  --out "$WORK/throughput"
+# --- end of the study throughput step
 
 {
   echo "gpu_checks: $([ $status -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED)"

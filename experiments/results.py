@@ -19,23 +19,74 @@ import torch
 ROW_KEYS = (
     "study", "model", "dataset", "setting", "layer", "alpha", "variant", "kind", "cutmix_prob", "seed", "epochs",
     "train_size", "test_size", "batch_size", "lr", "best_top1_err", "best_top5_err", "best_epoch",
-    "final_top1_err", "final_top5_err", "final_train_loss", "train_time_s", "eval_time_s", "images_per_s",
-    "world_size", "device", "config_hash", "finished_at",
+    "final_top1_err", "final_top5_err", "final_train_loss", "train_time_s", "eval_time_s", "compile_time_s",
+    "compiled_graphs", "images_per_s", "world_size", "device", "threads", "config_hash", "finished_at",
 )
 RULE = "2-SE rule: |mean Δ| > 2·std(Δ)/√n over the n paired seeds"
+ERROR_KEYS = ("best_top1_err", "best_top5_err", "final_top1_err", "final_top5_err", "top1_err", "top5_err")
+TIME_KEYS = ("train_time_s", "eval_time_s", "compile_time_s")
+
+
+def exact_decimals(n: int) -> int | None:
+    """Decimals that write every percentage 100*k/n exactly (n = 2^a 5^b); None when no finite number does."""
+    for d in range(12):
+        if 10 ** (d + 2) % n == 0:
+            return d
+    return None
+
+
+def round_percent(value: float, n: int) -> float:
+    """A percentage of `n` items (100*k/n) without float noise: exact decimals, else 10 significant digits."""
+    d = exact_decimals(n) if n > 0 else None
+    return round(value, d) if d is not None else float(f"{value:.10g}")
+
+
+def round_row(row: dict[str, Any]) -> dict[str, Any]:
+    """What was measured, without float noise: errors to their exact resolution (100/test_size %), train
+    accuracy to 100/train_size %, losses to float32's 7 significant digits, times to ms, throughput to 0.1."""
+    out = dict(row)
+    test_n, train_n = row.get("test_size") or 0, row.get("train_size") or 0
+    ddp = (row.get("world_size") or 1) > 1  # DDP trims the epoch to a multiple of the world size
+
+    def fix(key: str, v: Any) -> Any:
+        if not isinstance(v, float) or v != v or v in (math.inf, -math.inf):
+            return v
+        if key in ERROR_KEYS:
+            return round_percent(v, test_n)
+        if key == "train_acc":
+            return round_percent(v, 0 if ddp else train_n)
+        if key.endswith("loss"):
+            return float(f"{v:.7g}")
+        if key in TIME_KEYS:
+            return round(v, 3)
+        return round(v, 1) if key == "images_per_s" else v
+    for k, v in row.items():
+        out[k] = fix(k, v)
+    if isinstance(row.get("history"), list):
+        out["history"] = [{k: fix(k, v) for k, v in e.items()} for e in row["history"]]
+    return out
 
 
 def append_row(out: str | Path, row: dict[str, Any]) -> None:
-    """Append one run to results.jsonl (all keys) and results.csv (`ROW_KEYS`, header written once)."""
+    """Append one run to results.jsonl (all keys, as computed) and, rounded (`round_row`), to results.csv
+    (`ROW_KEYS`, or the columns of the file's existing header).
+
+    The JSON lines keep each float as computed: the summary's means are taken from them, and a mean that
+    falls exactly on a tie at its second decimal (17.625 from 18.12 and 17.13) is printed as it always was
+    only from the values as computed (rounded first, 17.625 prints as 17.62; as computed, 17.63)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
+    row = round_row(row)
     csv_path = out / "results.csv"
-    new = not csv_path.exists() or csv_path.stat().st_size == 0
+    header = None
+    if csv_path.exists() and csv_path.stat().st_size > 0:
+        with open(csv_path, newline="") as f:
+            header = next(csv.reader(f), None)
     with open(csv_path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=ROW_KEYS, extrasaction="ignore")
-        if new:
+        w = csv.DictWriter(f, fieldnames=header or ROW_KEYS, extrasaction="ignore")
+        if header is None:
             w.writeheader()
         w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
 

@@ -1,9 +1,16 @@
 """What the four studies share: the command-line options, recipes, and running settings x seeds with resume.
 
 A study is a list of `Setting`s (the baseline first) run for every seed, seed-major, so that an
-interrupted study already holds complete baseline/CutMix pairs. Each finished run leaves a checkpoint
-and a row; a rerun of the same command skips those runs. Under `torchrun` the same command trains with
-DistributedDataParallel and only rank 0 writes.
+interrupted study already holds complete baseline/CutMix pairs. Every option and setting is checked before
+the first run trains (`experiments.validate`). Each finished run leaves a checkpoint and a row; a rerun of
+the same command skips those runs and resumes a run cut short from its last epoch (`experiments.checkpoint`;
+`--max-minutes` stops at an epoch boundary on purpose). `--jobs N` trains N runs at once in separate
+processes (`experiments.parallel`); under `torchrun` the same command trains with DistributedDataParallel
+and only rank 0 writes. On CUDA the fast path is on by default (`experiments.fast`).
+
+Exit status: 0 done, 2 a usage error (one message on stderr; `--debug` shows the traceback), 3 stopped by
+`--max-minutes` (run the same command again to continue; 0 under torchrun, which reports any other status
+as a failed worker).
 """
 from __future__ import annotations
 
@@ -21,9 +28,12 @@ import torch
 import torch.distributed as dist
 
 from . import results
-from .cli import HelpFormatter, add_device_options, model_kwarg, resolve_device, set_threads
+from .checkpoint import Deadline, RunKeeper, agree, save_atomic
+from .cli import ArgumentParser, HelpFormatter, UsageError, add_device_options, model_kwarg, resolve_device, set_threads
 from .data import DATASETS, load_dataset
 from .engine import DistInfo, RunConfig, Setting, train_run
+from .fast import COMPILE_BACKENDS, COMPILE_MODES, fast_defaults
+from .validate import check_options, check_settings
 
 # fast: the CPU regime where CutMix has something to regularise (on data the network cannot overfit,
 # short schedules are only hurt by it): a fixed 1,000-image class-balanced Fashion-MNIST subset trained
@@ -40,7 +50,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 SMOKE = dict(epochs=1, train_subset=256, test_subset=500, seeds=[0], eval_every=1)
 SUBSET_SEED = 1234  # fixed: every seed and setting trains on the same subset
 # Options that do not change what is measured (only how fast) and so may differ on resume.
-_SPEED_ONLY = {"eval_batch_size", "channels_last", "compile"}
+_SPEED_ONLY = {"eval_batch_size", "channels_last", "compile", "compile_mode", "compile_backend"}
 
 
 def _recipe(key: str, text: str) -> str:
@@ -51,8 +61,7 @@ def _recipe(key: str, text: str) -> str:
 
 def build_parser(study: str, description: str) -> argparse.ArgumentParser:
     """The options every study takes; a study adds its own (layers, alphas, ...) before parsing."""
-    p = argparse.ArgumentParser(prog=f"python -m experiments.{study}", description=description,
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(prog=f"python -m experiments.{study}", description=description, formatter_class=HelpFormatter)
     r = p.add_argument_group("recipe (options left unset take the recipe's value)")
     r.add_argument("--recipe", choices=sorted(RECIPES), default="fast",
                    help="fast: ResNet-8 on a 1k-image Fashion-MNIST subset, minutes on a CPU; paper-cifar: "
@@ -94,14 +103,41 @@ def build_parser(study: str, description: str) -> argparse.ArgumentParser:
                    help=_recipe("seeds", "seed k is shared by every setting (paired comparison)"))
     t.add_argument("--eval-every", type=int, metavar="E",
                    help=_recipe("eval_every", "evaluate every E epochs (and after the last)"))
-    s = p.add_argument_group("hardware and output")
-    add_device_options(s)
-    s.add_argument("--amp", action="store_true", help="autocast to bf16 (fp16 + grad scaling on GPUs without bf16)")
-    s.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    s.add_argument("--compile", action="store_true", help="torch.compile the model")
-    s.add_argument("--out", help="output directory (default runs/<study>, or runs/<study>-smoke)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bars (also off when not a TTY)")
+    _add_speed_options(p)
+    o = p.add_argument_group("output and long runs")
+    o.add_argument("--out", help="output directory (default runs/<study>, or runs/<study>-smoke)")
+    o.add_argument("--max-minutes", type=float, metavar="M",
+                   help="stop at the first epoch boundary where the next epoch would end past M minutes, state "
+                        "saved (exit status 3); the same command resumes (default: no limit)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars (also off when not a TTY)")
+    o.add_argument("--debug", action="store_true", help="show the traceback behind an error message")
     return p
+
+
+def _switch(group: Any, name: str, text: str) -> None:
+    """--NAME / --no-NAME sharing one destination, unset (None) unless given: the device decides."""
+    dest = name.replace("-", "_")
+    group.add_argument(f"--{name}", dest=dest, action="store_true", default=None,
+                       help=f"{text} (default: on with CUDA, off on a CPU)")
+    group.add_argument(f"--no-{name}", dest=dest, action="store_false", default=None, help=f"turn --{name} off")
+
+
+def _add_speed_options(p: argparse.ArgumentParser) -> None:
+    """Device, threads, the CUDA fast path (each switch with its opt-out) and --jobs."""
+    s = p.add_argument_group("hardware and speed")
+    add_device_options(s)
+    _switch(s, "amp", "autocast to bf16 (fp16 + grad scaling on GPUs without bf16)")
+    _switch(s, "channels-last", "channels_last memory format")
+    _switch(s, "compile", "torch.compile the model, once per model structure and batch shape")
+    s.add_argument("--compile-mode", choices=COMPILE_MODES, default="auto",
+                   help="torch.compile mode; auto is reduce-overhead (CUDA graphs) on one CUDA device, inductor's "
+                        "plain mode under torchrun or on a CPU")
+    s.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="inductor",
+                   help="torch.compile backend (aot_eager or eager: check the graphs without inductor)")
+    s.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N (setting, seed) runs at once, each in its own process: all on one GPU, one per GPU "
+                        "round-robin when several are visible, or splitting the CPU threads; same numbers as one by "
+                        "one (not under torchrun)")
 
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,20 +169,41 @@ def config_hash(study: str, opts: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def device_of(name: str) -> torch.device:
+    """--device -> torch.device, a bad or absent device as a UsageError."""
+    try:
+        return resolve_device(name)
+    except SystemExit as e:
+        raise UsageError(str(e.code)) from None
+
+
+def setup_cuda(dev: torch.device) -> torch.device:
+    """Make `dev` (cuda, cuda:N) this process's device, with cudnn autotuning and TF32 matmuls; returns cuda:N."""
+    dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+    torch.cuda.set_device(dev)
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
+    return dev
+
+
 def init_distributed(device: str) -> DistInfo:
     """--device -> this process's DistInfo; DDP under torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU."""
-    dev = resolve_device(device)
+    dev = device_of(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
-        dev = torch.device("cuda", local if world > 1 else (dev.index if dev.index is not None
-                                                             else torch.cuda.current_device()))
-        torch.cuda.set_device(dev)
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")
+        dev = setup_cuda(torch.device("cuda", local) if world > 1 else dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
     return DistInfo(rank, world, dev)
+
+
+def apply_fast_defaults(opts: dict[str, Any], device_type: str, world_size: int) -> None:
+    """Fill amp / channels_last / compile / compile_mode in `opts` for the device (see `experiments.fast`)."""
+    speed = fast_defaults(device_type, opts.get("amp"), opts.get("channels_last"), opts.get("compile"),
+                          opts.get("compile_mode", "auto"), opts.get("compile_backend", "inductor"), world_size)
+    opts.update(amp=speed.amp, channels_last=speed.channels_last, compile=speed.compile,
+                compile_mode=speed.compile_mode, compile_backend=speed.compile_backend)
 
 
 def _finished(out: Path, chash: str) -> set[tuple[str, int]]:
@@ -165,7 +222,7 @@ def _check_out_dir(out: Path, study: str, chash: str, opts: dict[str, Any]) -> N
         new = json.loads(json.dumps(measured_options(study, opts), default=str))
         was = old.get("measured", {})
         diff = {k: (was.get(k), v) for k, v in new.items() if was.get(k) != v}
-        raise SystemExit(f"{out} holds results of a different configuration (old -> new: {diff}); "
+        raise UsageError(f"--out {out} holds results of a different configuration (old -> new: {diff}); "
                          "pass another --out or delete that directory")
 
 
@@ -188,20 +245,44 @@ class StudyRun:
         return self.opts["seeds"]
 
 
-def prepare(study: str, args: argparse.Namespace,
-            make_settings: Callable[[dict[str, Any]], Sequence[Setting]]) -> StudyRun:
-    """Resolve the options, join DDP, check the output directory, load the (subset) data onto the device."""
+def load_study_data(opts: dict[str, Any], device: torch.device) -> Any:
+    """The dataset of `opts` with its fixed train/test subsets, on `device`; missing data is a UsageError."""
+    try:
+        data = load_dataset(opts["dataset"], opts.get("data_dir"), opts["download"], opts["image_size"],
+                            opts["workers"])
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise UsageError(str(e)) from e
+    for flag, n, keep, seed in (("--train-subset", opts["train_subset"], data.subset, SUBSET_SEED),
+                                ("--test-subset", opts["test_subset"], data.test_subset, SUBSET_SEED + 1)):
+        try:
+            keep(n or None, torch.Generator().manual_seed(seed))
+        except ValueError as e:
+            raise UsageError(f"{flag} {n}: {e}") from e
+    return data.to(device)
+
+
+def prepare(study: str, args: argparse.Namespace, make_settings: Callable[[dict[str, Any]], Sequence[Setting]],
+            flags: dict[str, str] | None = None) -> StudyRun:
+    """Resolve and check the options, join DDP, check the output directory, load the (subset) data, check every
+    setting against the model: everything that can fail does so here, before any run trains."""
     opts = resolve(args)
+    check_options(opts)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if opts["jobs"] > 1 and world > 1:
+        raise UsageError(f"--jobs {opts['jobs']}: not under torchrun (WORLD_SIZE={world}): DDP already spreads one "
+                         "run over the processes; use --jobs without torchrun, or torchrun without --jobs")
     set_threads(opts.get("threads"))
-    di = init_distributed(opts["device"])
+    di = init_distributed(opts["device"]) if opts["jobs"] == 1 else DistInfo(0, 1, device_of(opts["device"]))
+    apply_fast_defaults(opts, di.device.type, di.world_size)
+    if opts["batch_size"] % di.world_size:
+        raise UsageError(f"--batch-size {opts['batch_size']}: must be divisible by the {di.world_size} processes")
     out = Path(opts.get("out") or f"runs/{study}{'-smoke' if opts['smoke'] else ''}")
     chash = config_hash(study, opts)
     _check_out_dir(out, study, chash, opts)  # on every rank, so that all of them stop
-    data = load_dataset(opts["dataset"], opts.get("data_dir"), opts["download"], opts["image_size"], opts["workers"])
-    data.subset(opts["train_subset"] or None, torch.Generator().manual_seed(SUBSET_SEED))
-    data.test_subset(opts["test_subset"] or None, torch.Generator().manual_seed(SUBSET_SEED + 1))
-    data.to(di.device)
-    return StudyRun(study, opts, list(make_settings(opts)), run_config(opts), di, data, out, chash)
+    data = load_study_data(opts, di.device if opts["jobs"] == 1 else torch.device("cpu"))
+    settings = list(make_settings(opts))
+    check_settings(opts, settings, data.num_classes, data.in_chans, flags)
+    return StudyRun(study, opts, settings, run_config(opts), di, data, out, chash)
 
 
 def runs_to_do(run: StudyRun) -> list[tuple[int, Setting]]:
@@ -220,16 +301,28 @@ def runs_to_do(run: StudyRun) -> list[tuple[int, Setting]]:
     return [(seed, s) for seed in run.seeds for s in run.settings if (s.name, seed) not in done[0]]
 
 
-def save_run(run: StudyRun, setting: Setting, seed: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
-    """The checkpoint (written whole, then renamed), then its row in results.jsonl/csv."""
+def resume_path(out: Path, setting: Setting, seed: int) -> Path:
+    """Where a run's state waits between epochs (outside ckpt/, which holds finished runs only)."""
+    return out / "resume" / f"{setting.name}_seed{seed}.pt"
+
+
+def save_checkpoint(run: StudyRun, setting: Setting, seed: int, metrics: dict[str, Any], state: dict[str, Any]) -> Path:
+    """The finished run's checkpoint, written whole then renamed (its row follows, written by `append_result`)."""
     cfg, data, opts = run.cfg, run.data, run.opts
     ckpt = {"model_state": state, "model": cfg.model, "model_kwargs": cfg.model_kwargs,
             "num_classes": data.num_classes, "in_chans": data.in_chans, "input_size": data.input_size,
             "dataset": opts["dataset"], "mean": data.mean, "std": data.std, "setting": asdict(setting), "seed": seed,
             "config": opts, "config_hash": run.chash, "metrics": metrics}
     path = run.out / "ckpt" / f"{setting.name}_seed{seed}.pt"
-    torch.save(ckpt, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)  # the row below is only written once the checkpoint is whole
+    save_atomic(ckpt, path)
+    return path
+
+
+def append_result(run: StudyRun, setting: Setting, seed: int, metrics: dict[str, Any], device: str,
+                  threads: int) -> None:
+    """The run's row in results.jsonl/csv (after its checkpoint: a row always has its checkpoint); `device` and
+    `threads` are those the run trained with (on a CPU the numbers depend on the thread count)."""
+    cfg, data, opts = run.cfg, run.data, run.opts
     mixes = setting.mixes
     row = {"study": run.study, "model": cfg.model, "dataset": opts["dataset"], "setting": setting.name,
            "layer": setting.layer, "alpha": setting.alpha if mixes else None,
@@ -237,9 +330,15 @@ def save_run(run: StudyRun, setting: Setting, seed: int, metrics: dict[str, Any]
            "cutmix_prob": cfg.cutmix_prob if mixes else None,
            "seed": seed, "epochs": cfg.epochs, "train_size": data.num_train, "test_size": data.num_test,
            "batch_size": cfg.batch_size, "lr": cfg.lr, **{k: v for k, v in metrics.items() if k != "history"},
-           "world_size": run.di.world_size, "device": str(run.di.device), "config_hash": run.chash,
+           "world_size": run.di.world_size, "device": device, "threads": threads, "config_hash": run.chash,
            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     results.append_row(run.out, row)
+
+
+def save_run(run: StudyRun, setting: Setting, seed: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
+    """The checkpoint, then its row."""
+    save_checkpoint(run, setting, seed, metrics, state)
+    append_result(run, setting, seed, metrics, str(run.di.device), torch.get_num_threads())
 
 
 def summarise(run: StudyRun, plot: Callable[[list[dict], Path, str], Path | None] | None) -> None:
@@ -248,6 +347,8 @@ def summarise(run: StudyRun, plot: Callable[[list[dict], Path, str], Path | None
     names = [s.name for s in run.settings]
     rows = [r for r in results.load_rows(run.out) if r.get("config_hash") == run.chash
             and r["setting"] in names and r["seed"] in run.seeds]
+    if not rows:
+        return
     stats = results.summarize(rows, names)
     header = (f"# {run.study}\n\n{opts['model']} on {opts['dataset']} ({data.num_train} training images, "
               f"{data.num_test} test images), {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr} "
@@ -260,32 +361,68 @@ def summarise(run: StudyRun, plot: Callable[[list[dict], Path, str], Path | None
         print(f"plot: {fig}")
 
 
+def report_run(i: int, n: int, setting: Setting, seed: int, metrics: dict[str, Any], t_start: float) -> None:
+    """One line per finished run: errors, times (compilation apart), throughput, time since the study began."""
+    compiled = f" + compile {metrics['compile_time_s']:.0f} s" if metrics.get("compiled_graphs") else ""
+    print(f"[{i}/{n}] {setting.name} seed {seed}: final top-1 err {metrics['final_top1_err']:.2f}% "
+          f"(best {metrics['best_top1_err']:.2f}%), top-5 {metrics['final_top5_err']:.2f}%, "
+          f"{metrics['train_time_s']:.0f}+{metrics['eval_time_s']:.0f} s{compiled}, "
+          f"{metrics['images_per_s']:.0f} img/s, {time.perf_counter() - t_start:.0f} s elapsed", flush=True)
+
+
+def run_sequential(run: StudyRun, todo: list[tuple[int, Setting]], deadline: Deadline, progress: bool) -> bool:
+    """Train the runs one after the other in this process (every rank under DDP); True if the deadline stopped it."""
+    t_start = time.perf_counter()
+    say = print if run.di.is_main else (lambda *a, **k: None)
+    for i, (seed, s) in enumerate(todo, 1):
+        if agree(deadline.next_epoch_passes(), run.di):
+            return True
+        keeper = RunKeeper(resume_path(run.out, s, seed), run.chash, s, seed, deadline, say)
+        metrics, state = train_run(run.cfg, s, seed, run.data, run.di, progress, desc=f"{s.name} seed{seed}",
+                                   keeper=keeper)
+        if metrics is None:
+            return True
+        if run.di.is_main:
+            save_run(run, s, seed, metrics, state)
+            keeper.discard()
+            report_run(i, len(todo), s, seed, metrics, t_start)
+    return False
+
+
+class StudyStopped(Exception):
+    """The deadline of --max-minutes stopped the study at an epoch boundary; the same command resumes it."""
+
+
 def run_study(study: str, args: argparse.Namespace, make_settings: Callable[[dict[str, Any]], Sequence[Setting]],
-              plot: Callable[[list[dict], Path, str], Path | None] | None = None) -> Path:
-    """Run every setting x seed not yet finished, then write summary.md and the plot; returns the out dir."""
-    run = prepare(study, args, make_settings)
+              plot: Callable[[list[dict], Path, str], Path | None] | None = None,
+              flags: dict[str, str] | None = None) -> Path:
+    """Run every setting x seed not yet finished, then write summary.md and the plot; returns the out dir.
+    Raises StudyStopped (after the summary of the finished runs) when --max-minutes stopped it."""
+    deadline = Deadline.after_minutes(args.max_minutes)
+    run = prepare(study, args, make_settings, flags)
     todo = runs_to_do(run)
     progress = not run.opts["no_progress"] and sys.stderr.isatty()
+    jobs = run.opts["jobs"]
     if run.di.is_main:
+        speed = ", ".join(k for k in ("amp", "channels_last", "compile") if run.opts[k]) or "eager fp32"
         print(f"{study}: {len(run.settings)} settings x {len(run.seeds)} seeds on {run.opts['dataset']} "
               f"({run.data.num_train} train / {run.data.num_test} test images), {run.opts['model']}, "
-              f"{run.cfg.epochs} epochs, device {run.di.device} x{run.di.world_size}; {len(todo)} runs to do, "
-              f"{len(run.settings) * len(run.seeds) - len(todo)} already finished in {run.out}", flush=True)
-    t_start = time.perf_counter()
-    for i, (seed, s) in enumerate(todo, 1):
-        metrics, state = train_run(run.cfg, s, seed, run.data, run.di, progress, desc=f"{s.name} seed{seed}")
-        if not run.di.is_main:
-            continue
-        save_run(run, s, seed, metrics, state)
-        print(f"[{i}/{len(todo)}] {s.name} seed {seed}: final top-1 err {metrics['final_top1_err']:.2f}% "
-              f"(best {metrics['best_top1_err']:.2f}%), top-5 {metrics['final_top5_err']:.2f}%, "
-              f"{metrics['train_time_s']:.0f}+{metrics['eval_time_s']:.0f} s, {metrics['images_per_s']:.0f} img/s, "
-              f"{time.perf_counter() - t_start:.0f} s elapsed", flush=True)
+              f"{run.cfg.epochs} epochs, device {run.di.device} x{run.di.world_size} ({speed}), {jobs} job(s); "
+              f"{len(todo)} runs to do, {len(run.settings) * len(run.seeds) - len(todo)} already finished in "
+              f"{run.out}", flush=True)
+    if jobs > 1 and todo:  # even for one run: its threads are those of the N-way split, as for the others
+        from .parallel import run_parallel
+        stopped = run_parallel(run, todo, jobs, deadline)
+    else:
+        stopped = run_sequential(run, todo, deadline, progress)
     if run.di.is_main:
         summarise(run, plot)
     if run.di.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
+    if stopped:
+        raise StudyStopped(f"stopped by --max-minutes {args.max_minutes:g} at an epoch boundary, state saved in "
+                           f"{run.out}; run the same command again to continue")
     return run.out
 
 
@@ -294,9 +431,26 @@ Option = tuple[str, dict[str, Any]]  # (flag, argparse.add_argument keyword argu
 
 def main(study: str, description: str, argv: Sequence[str] | None, options: Sequence[Option],
          make_settings: Callable[[dict[str, Any]], Sequence[Setting]],
-         plot: Callable[[list[dict], Path, str], Path | None] | None) -> Path:
-    """A study's command line: the shared options plus the study's own, parsed from `argv`, then `run_study`."""
+         plot: Callable[[list[dict], Path, str], Path | None] | None, flags: dict[str, str] | None = None) -> Path:
+    """A study's command line: the shared options plus the study's own, parsed from `argv`, then `run_study`.
+
+    A usage error prints one message on stderr and exits 2 (`--debug`: the traceback); a stop by --max-minutes
+    exits 3. `flags` names the option each Setting field comes from (e.g. {"layer": "--layers"}) for messages.
+    """
     p = build_parser(study, description)
     for flag, kwargs in options:
         p.add_argument(flag, **kwargs)
-    return run_study(study, p.parse_args(argv), make_settings, plot)
+    args = p.parse_args(argv)
+    try:
+        return run_study(study, args, make_settings, plot, flags)
+    except UsageError as e:
+        if args.debug:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{p.prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except StudyStopped as e:
+        ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun reports any other status as a failure
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{study}: {e}{' (exit status 0 under torchrun)' if ddp else ''}", file=sys.stderr)
+        raise SystemExit(0 if ddp else 3) from None

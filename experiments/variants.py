@@ -7,6 +7,11 @@ larger area; complete_label: 0.5/0.5 labels whatever the box.
 """
 from __future__ import annotations
 
+import os
+
+if __name__ == "__main__":  # a command, not an import: OpenMP reads this once, as torch loads
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,7 +40,8 @@ OPTIONS: list[study.Option] = [
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """`python -m experiments.variants`: run the study (see --help); returns its output directory."""
-    return study.main("variants", __doc__, argv, OPTIONS, make_settings, plot)
+    return study.main("variants", __doc__, argv, OPTIONS, make_settings, plot,
+                      flags={"layer": "--layer", "variant": "--variants"})
 
 
 if __name__ == "__main__":

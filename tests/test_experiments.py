@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -262,7 +263,7 @@ def test_study_smoke(tmp_path, capsys, mod, png, names):
     assert "| baseline |" in printed and f"plot: {tmp_path / png}" in printed
 
 
-def test_resume_skips_finished_runs(tmp_path, monkeypatch):
+def test_resume_skips_finished_runs(tmp_path, monkeypatch, capsys):
     calls = []
     real = study.train_run
 
@@ -281,8 +282,11 @@ def test_resume_skips_finished_runs(tmp_path, monkeypatch):
     depth_ablation.main(args + ["--seeds", "0", "1"])  # and a new seed adds its runs
     assert calls[3:] == [("layer2", 0), ("baseline", 1), ("layer0", 1), ("layer2", 1)]
     assert "| layer2 | 2 |" in (tmp_path / "summary.md").read_text()
-    with pytest.raises(SystemExit, match=r"different configuration.*'epochs': \(1, 2\)"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         depth_ablation.main(args + ["--epochs", "2"])  # the last --epochs wins
+    assert e.value.code == 2
+    assert re.search(r"different configuration.*'epochs': \(1, 2\)", capsys.readouterr().err)
 
 
 def test_help_documents_options(capsys):

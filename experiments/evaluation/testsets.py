@@ -8,7 +8,9 @@ from typing import Any, Iterator
 import torch
 
 from ..data import DEBIAN_FASHION_MNIST, FolderData, TensorData, load_dataset, read_idx
-from .synthetic_loc import MAX_CLASSES as LOC_MAX_CLASSES, NAME as LOC_NAME, load_synthetic_loc
+from .synthetic_loc import MAX_CLASSES as LOC_MAX_CLASSES
+from .synthetic_loc import NAME as LOC_NAME
+from .synthetic_loc import load_synthetic_loc
 
 SUBSET_SEED = 1234 + 1   # as the studies pick their --test-subset, so the same N picks the same images
 OTHER_DATASET = {"fashion-mnist": "mnist", "cifar10": "cifar100", "cifar100": "cifar10"}
