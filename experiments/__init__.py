@@ -6,7 +6,7 @@ entry points over `study` (options, recipes, settings x seeds, resume), `engine`
 `--max-minutes`), `parallel` (`--jobs`), `fast` (the CUDA defaults and torch.compile), `data` (datasets
 held on the device), `results` (rows, summary, tables and plots) and `cli` (the command-line pieces every
 tool shares); `throughput` times the studies' fast path. Evaluation of checkpoints: `experiments.evaluation`
-(one module per measurement). Speed benchmarks: `experiments.bench` (`mixing`, `step`). `evaluate`,
+(one module per measurement). Speed benchmarks: `experiments.bench` (`mixing`, `step`, `compiled`). `evaluate`,
 `bench_mixing` and `bench_step` are aliases of the moved commands.
 
 Importing this package changes nothing in the environment. The study and evaluation commands, run as

@@ -8,6 +8,11 @@ method mixes a batch with the recipe's --cutmix-prob, so all of them see the sam
 """
 from __future__ import annotations
 
+import os
+
+if __name__ == "__main__":  # a command, not an import: OpenMP reads this once, as torch loads
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from pathlib import Path
 from typing import Any, Sequence
 
