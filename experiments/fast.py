@@ -72,6 +72,10 @@ def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
 def compile_module(module: nn.Module, mode: str, backend: str) -> nn.Module:
     """torch.compile with static shapes (each batch shape its own graph: what CUDA graphs replay best)."""
     allow_recompiles()
+    # A study compiles the plain model and, later, wrapped copies of the same class whose mixing layers are
+    # forward hooks: Dynamo must guard on hooks, or a plain graph may serve a wrapped model (featmix would
+    # then stop with "did not mix this batch"). A study owns its process; the guard costs little.
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     if backend == "inductor":
         return torch.compile(module, mode=None if mode == "default" else mode, dynamic=False)
     return torch.compile(module, backend=backend, dynamic=False)

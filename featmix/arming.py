@@ -78,7 +78,7 @@ class MixPass:
             self.abort()
             raise RuntimeError(f"the mixing layer {site._name()} did not mix this batch: it did not run in the forward "
                                f"pass (it is not on the model's forward path), or the model was in eval mode (call "
-                               f"model.train()); choose a module the forward calls")
+                               f"model.train()); choose a module the forward calls{_compile_hint()}")
         # Tensor values may live in a CUDA graph's output pool, overwritten by the next replay: keep copies.
         values = (record_box(rec.box), rec.lam, rec.weight)
         box, lam, weight = (v.clone() if isinstance(v, Tensor) else v for v in values)
@@ -115,6 +115,21 @@ class MixPass:
             return y
         perm, _, _ = unpack_draw(self.chosen.draw_buffer, labels.shape[0])
         return F.mix_targets(y, perm, record.weight)
+
+
+def _compile_hint() -> str:
+    """The torch.compile cause, named only when this process has compiled something."""
+    try:
+        from torch._dynamo.utils import counters
+        compiled = sum(counters["stats"].values()) > 0
+    except Exception:  # noqa: BLE001 - a private counter: no hint rather than a second error
+        compiled = False
+    if not compiled:
+        return ""
+    return ("; or torch.compile ran a graph of this model's class compiled before the mixing layer's hook was "
+            "attached (Dynamo does not guard on forward hooks by default): compile after wrapping, set "
+            "torch._dynamo.config.skip_nnmodule_hook_guards = False before compiling, or call torch._dynamo.reset() "
+            "after wrapping")
 
 
 class MixedBatch:

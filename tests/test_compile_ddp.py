@@ -211,3 +211,21 @@ def test_inductor_compiles_the_mixed_model_and_matches_eager():
         torch.testing.assert_close(tc, te)
     for a, b in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_a_stale_compiled_graph_without_the_hook_is_an_error_that_names_the_remedy():
+    """Dynamo does not guard on forward hooks: a graph of the same class compiled before wrapping runs
+    without the mixing layer. featmix says so (never an unmixed batch), and the remedy works."""
+    torch._dynamo.reset()
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):  # torch's default
+        torch.compile(TinyNet().train(), backend="eager")(x)  # e.g. an earlier run of the plain model
+        net = TinyNet()
+        w = featmix.CutMixAt(net, layer=2, generator=gen(0)).train()
+        w.model = torch.compile(net, backend="eager")
+        with pytest.raises(RuntimeError, match=r"did not mix this batch.*torch.compile ran a graph of this model's "
+                                               r"class compiled before the mixing layer's hook was attached"):
+            w(x, y)
+        torch._dynamo.reset()
+        w(x, y)
+    assert w.last_mix is not None and w.last_mix.grid == (16, 16)
