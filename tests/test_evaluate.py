@@ -28,14 +28,7 @@ from experiments.evaluation.command import main as evaluate_main
 from experiments.evaluation.runner import evaluate_model
 from experiments.evaluation.synthetic_loc import TEXTURES, load_synthetic_loc, make_localization_set
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two, and much faster on a CPU shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def identity(x: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,7 @@ from experiments.evaluation.base import EVAL_SEED, GRID_SEED, EvalOptions, Measu
 from experiments.evaluation.inbetween import MIXERS, partner_indices
 from experiments.evaluation.occlusion import occlude, occlusion_effect, occlusion_sizes
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

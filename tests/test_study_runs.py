@@ -19,13 +19,7 @@ TINY = ["--dataset", "synthetic", "--model", "resnet8_cifar", "--model-kwargs", 
 TIMING = {"train_time_s", "eval_time_s", "compile_time_s", "images_per_s", "finished_at"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread, as the studies below ask with --threads 1 (the suite's own setting is restored)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _measured(out: Path) -> dict[tuple[str, int], dict]:
