@@ -4,7 +4,7 @@
 #   mkdir -p data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz data/fashion-mnist/
 #   device run: command="bash experiments/gpu_checks.sh", carry=["data/fashion-mnist"], timeout_s=600
 #
-# The step limits add up to at most 560 s (the device tool allows 600 s a call). Uses the machine's own
+# The step limits add up to 580 s (the device tool allows 600 s a call). Uses the machine's own
 # torch/torchvision/timm (nothing is installed: the repository is put on PYTHONPATH). Each step has its
 # own time limit so one slow step cannot eat the others' time. Logs and JSON go to $WORK; at the end they
 # are packed into one $OUT/gpu_checks.tgz beside $OUT/summary.txt (the device tool brings back at most
@@ -41,12 +41,16 @@ cat "$WORK/environment.txt"
 
 if [ "$SMOKE" = 1 ]; then
   bench_mixing_args=(--quick) bench_step_args=(--quick) compiled_args=(--quick) depth_args=(--smoke)
+  pyramid_args=(--quick --modes eager)
 else
   # aot_eager: the graph count is the point here; inductor would spend minutes compiling 6 ResNet-50s.
   # bf16 + channels_last: the eager ResNet-50 target (< 2% overhead) is stated for that setup.
   bench_mixing_args=() bench_step_args=(--compile-steps 20 --compile-backend aot_eager --amp --channels-last)
   # ResNet-20 b128 32x32: eager, torch.compile and CUDA graphs (reduce-overhead), plain vs CutMixAt(layer=2)
   compiled_args=(--models resnet20_cifar:128:32 --layers 2)
+  # the paper's model at the paper's batch, eager only (compiling it outlasts a step's limit): its step time
+  # prices the paper-scale run (README, "the price of the paper")
+  pyramid_args=(--models pyramidnet200_a240:64:32 --modes eager --layers 2 --steps 10 --warmup 3)
   # a larger depth ablation than the CPU default: ResNet-20 on 5k images, 20 epochs, 2 seeds (resumable:
   # if the limit cuts it, the finished runs are in results.csv and a rerun continues)
   # (--no-compile: the studies compile by default on CUDA; the throughput step measures that)
@@ -67,7 +71,9 @@ step bench_step 100 python -m experiments.bench.step --device "$DEVICE" "${sync_
   --out "$WORK/bench_step.json"
 step bench_compiled 150 python -m experiments.bench.compiled --device "$DEVICE" "${compiled_args[@]}" \
   --out "$WORK/bench_compiled.json"
-step depth_ablation 100 python -m experiments.depth_ablation --device "$DEVICE" "${data_arg[@]}" \
+step pyramidnet_step 40 python -m experiments.bench.compiled --device "$DEVICE" "${pyramid_args[@]}" \
+  --out "$WORK/pyramidnet_step.json"
+step depth_ablation 80 python -m experiments.depth_ablation --device "$DEVICE" "${data_arg[@]}" \
   "${depth_args[@]}" --no-progress --out "$WORK/depth_ablation"
 # --- study throughput (issue 14): eager / compiled / compiled + --jobs 2 for ResNet-20, baseline + CutMix at the
 # input, 2 seeds x 2 epochs on 5,120 Fashion-MNIST images (or tiny synthetic data with SMOKE=1, dynamo's eager
