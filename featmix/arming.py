@@ -55,13 +55,12 @@ class MixPass:
         self.gen = 0                       # forwards begun so far
         self.backward_gen: Optional[int] = None  # the forward whose backward ran last, when known
         self.image_hw: Optional[Tuple[int, int]] = None
-        self.draw: Optional[MixDraw] = None
         self.chosen: Optional[FeatureCutMix] = None
 
     def begin(self, draw: MixDraw, device: torch.device, image_hw: Optional[Tuple[int, int]] = None) -> None:
         """Arm the site the draw chose (none when the batch is unmixed) and go live."""
         self.gen += 1
-        self.draw, self.image_hw = draw, image_hw
+        self.image_hw = image_hw
         self.chosen = self.sites[draw.site] if draw.mixed else None
         for site in self.sites:
             site._arm(self, draw if site is self.chosen else None, device)

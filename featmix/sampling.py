@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch.utils.data import get_worker_info
 
+from .functional import inverse_permutation
 from .placement import (
     CUT_H,
     CUT_W,
@@ -90,7 +91,7 @@ class MixDraw:
         """The draw as one host int64 tensor: ``[perm, inverse perm, float64 bits of params]`` (parts optional)."""
         parts = [self.perm]
         if inverse:
-            parts.append(self.perm.argsort())  # the inverse of a permutation
+            parts.append(inverse_permutation(self.perm))
         if params:
             parts.append(self.params().view(torch.int64))
         return torch.cat(parts) if len(parts) > 1 else self.perm
