@@ -34,8 +34,11 @@ class MixRecord:
 
     ``lam`` is the weight of each sample's own image (``1 - box area / grid area``; Mixup's lam);
     ``weight`` is the weight its own label gets in the targets (``lam``, or the variant's rule; 1 for
-    Cutout). ``box`` is None for Mixup. On the compiled path and for per-sample draws ``box``, ``lam``
-    and ``weight`` are tensors (per sample: ``box`` (B, 4), ``lam``/``weight`` (B,); no host sync).
+    Cutout). ``box`` is None for Mixup. ``perm`` (host int64 (B,)): sample ``i`` took its partner's
+    content from sample ``perm[i]``. ``is_cut`` (per-sample CutMix-or-Mixup only, bool (B,)): which
+    samples got a box (the others were blended with their ``lam``). On the compiled path and for
+    per-sample draws ``box``, ``lam`` and ``weight`` are tensors (per sample: ``box`` (B, 4),
+    ``lam``/``weight`` (B,); no host sync).
     """
 
     layer: object
@@ -44,6 +47,8 @@ class MixRecord:
     lam: object
     weight: object
     kind: str = "cutmix"
+    perm: Optional[Tensor] = None
+    is_cut: Optional[Tensor] = None
 
 
 class MixPass:
@@ -81,7 +86,8 @@ class MixPass:
         # Tensor values may live in a CUDA graph's output pool, overwritten by the next replay: keep copies.
         values = (record_box(rec.box), rec.lam, rec.weight)
         box, lam, weight = (v.clone() if isinstance(v, Tensor) else v for v in values)
-        return MixRecord(site.label, rec.grid, box, lam, weight, rec.kind)
+        return MixRecord(site.label, rec.grid, box, lam, weight, rec.kind, site._draw.perm,
+                         None if rec.is_cut is None else rec.is_cut.clone())
 
     def abort(self) -> None:
         """Release every site this pass armed (after an exception): no draw outlives its forward."""

@@ -81,7 +81,8 @@ class _BatchMix(nn.Module):
         where = (place_tensor(params, h, w, draw.variant, draw.rule, draw.per_sample_kind) if per_sample
                  else draw.place(h, w))
         images = paste(images, where, perm, inv, images.dim() - 2, images.dim() - 1, self.inplace)
-        self._set("last_mix", MixRecord(0, where.grid, record_box(where.box), where.lam, where.weight, where.kind))
+        self._set("last_mix", MixRecord(0, where.grid, record_box(where.box), where.lam, where.weight, where.kind,
+                                        draw.perm, where.is_cut))
         if where.kind == "cutout" or not isinstance(targets, Tensor) or targets.dim() != 2:
             return images, targets
         return images, F.mix_targets(targets, perm, where.weight)

@@ -64,13 +64,17 @@ def gather_batch(x: Tensor, src: Tensor, to: Tuple[int, ...] = (), back: Tuple[i
 
 
 class GatherPaste(torch.autograd.Function):
-    """``gather_batch(x, src)`` whose backward is ``gather_batch(grad, inv_src)`` (a permutation's adjoint)."""
+    """``gather_batch(x, src)`` with one box for the batch: its adjoint is the same gather with the inverse
+    permutation (``inv_src``), since every element is read exactly once."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, src: Tensor, inv_src: Tensor, to: Tuple[int, ...], back: Tuple[int, ...]) -> Tensor:
-        ctx.save_for_backward(inv_src)
-        ctx.to, ctx.back = to, back
+    def forward(x: Tensor, src: Tensor, inv_src: Tensor, to: Tuple[int, ...], back: Tuple[int, ...]) -> Tensor:
         return gather_batch(x, src, to, back)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, _, inv_src, ctx.to, ctx.back = inputs
+        ctx.save_for_backward(inv_src)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -78,10 +82,40 @@ class GatherPaste(torch.autograd.Function):
         return gather_batch(grad, inv_src, ctx.to, ctx.back), None, None, None, None
 
 
+class PerSamplePaste(torch.autograd.Function):
+    """``gather_batch(x, src)`` with one box per sample. A cell may then be read by two samples or by
+    none, so the adjoint is not a gather: ``grad_x[j] = grad[j]`` outside box ``j`` plus
+    ``grad[inv[j]]`` inside box ``inv[j]`` (the sample that read from ``j``)."""
+
+    @staticmethod
+    def forward(x: Tensor, src: Tensor, inside: Tensor, inv_perm: Tensor, to: Tuple[int, ...],
+                back: Tuple[int, ...]) -> Tensor:
+        return gather_batch(x, src, to, back)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, _, inside, inv_perm, _, _ = inputs
+        ctx.save_for_backward(inside, inv_perm)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        inside, inv_perm = ctx.saved_tensors
+        zero = grad.new_zeros(())
+        read_by_partner = torch.where(inside, grad, zero)
+        taken = torch.empty_like(grad)
+        torch.index_select(read_by_partner, 0, inv_perm, out=taken)
+        return torch.where(inside, zero, grad).add_(taken), None, None, None, None, None
+
+
 def paste_masked(x: Tensor, perm: Tensor, inv_perm: Tensor, box: Tensor, hdim: int, wdim: int) -> Tensor:
-    """``x`` with the tensor ``box`` taken from ``x[perm]``; differentiable through ``GatherPaste``."""
-    src = source_index(x, perm, box, hdim, wdim)
+    """``x`` with the tensor ``box`` ((4,) for the batch or (4, B) per sample) taken from ``x[perm]``;
+    differentiable (``GatherPaste`` / ``PerSamplePaste``)."""
+    inside = inside_mask(x, box, hdim, wdim)
+    B = x.shape[0]
+    src = torch.where(inside, perm.view(_along(x, 0, B)), torch.arange(B, device=x.device).view(_along(x, 0, B)))
     to, back = batch_outer_order(x)
     if not (torch.is_grad_enabled() and x.requires_grad):
         return gather_batch(x, src, to, back)
-    return GatherPaste.apply(x, src, source_index(x, inv_perm, box, hdim, wdim), to, back)
+    if box.dim() == 1:
+        return GatherPaste.apply(x, src, source_index(x, inv_perm, box, hdim, wdim), to, back)
+    return PerSamplePaste.apply(x, src, inside, inv_perm, to, back)
