@@ -11,8 +11,9 @@ Entry points:
 """
 from . import functional
 from .arming import MixedBatch, MixRecord, mixing
+from .kinds import KINDS, place
 from .layer import FeatureCutMix, find_sites
-from .placement import KINDS, Placement, box_on_grid, place
+from .placement import Placement, box_on_grid
 from .resolve import infer_num_classes, resolve_layers, stage_names
 from .sampling import MODES, VARIANTS, MixDraw, MixSampler
 from .transforms import CutMix, CutMixOrMixup, Cutout, Mixup, from_timm_args

@@ -1,30 +1,41 @@
 """One forward pass of a network with mixing sites: draw -> arm -> paste (at one site) -> targets.
 
-``MixPass`` drives a fixed list of ``FeatureCutMix`` sites one forward at a time. ``begin`` hands the
-draw to the chosen site and marks the pass live; ``finish`` closes it and returns the record of what
-the site pasted (an error if the chosen site did not mix); ``abort`` releases every site after an
-exception. ``mixing`` is the context manager that does this around a hand-written forward;
-``CutMixAt`` uses the same object.
+Two objects own all the state, and nothing else writes it:
 
-Checkpoint replay: after the forward, the chosen site keeps its record so a recomputed forward
-replays the same mix. A recomputation that belongs to an older forward than the latest one (two
-forwards, then one backward through both) cannot replay the replaced draw: when the pass knows
-which forward a backward is for (``watch_backward``), that raises instead of mixing wrongly.
+- ``MixPass`` drives a fixed list of ``FeatureCutMix`` sites, one forward at a time. It holds what a
+  compiled graph may read while it traces (``live``, the chosen site, the draw's placement rule: a few
+  Python values that stay the same from batch to batch), and it remembers the forwards that finished
+  until their backward has run.
+- ``MixForward`` is one training forward: its host draw, its chosen site, its own copy of the draw on
+  the device, and the placement the site recorded.
+
+A site asks its pass what to do (``MixPass.forward_for``): paste during the live forward (once), replay
+the placement of the forward whose backward is running (activation checkpointing recomputes forwards
+inside backward), or nothing. The backward a recomputation belongs to is known exactly: when the
+backward of a forward's output starts, that forward is bound to the running autograd graph task, and
+the binding ends with the task. So any order of forwards and backwards replays each forward's own mix;
+a recomputation in an unrelated backward (another wrapper, the plain model, a later unarmed forward)
+mixes nothing; and one backward through two checkpointed forwards of the same sites, which cannot be
+told apart, is an error.
+
+``mixing`` is the context manager that runs this around a hand-written forward; ``CutMixAt`` uses the
+same objects.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from .kinds import kind_of
 from .layer import FeatureCutMix, find_sites
-from .placement import record_box
+from .placement import Placement, Rule, record_box
 from .sampling import MixDraw, MixSampler
-from .transfer import unpack_draw
+from .transfer import load_draw, unpack_draw
 from .validation import check_label_smoothing, check_labels, check_num_classes
 
 
@@ -51,75 +62,188 @@ class MixRecord:
     is_cut: Optional[Tensor] = None
 
 
+class MixForward:
+    """One training forward: the host draw, the chosen site, the draw on the device, the placement.
+
+    The device copy starts as the chosen site's reusable buffer (no extra op); it becomes the
+    forward's own copy when autograd will save it or when a later forward refills the buffer, so
+    nothing saved for backward aliases storage that the next forward overwrites.
+    """
+
+    __slots__ = ("draw", "chosen", "image_hw", "device", "_buf", "_version", "_own", "record", "bound",
+                 "released_by")
+
+    def __init__(self, draw: MixDraw, chosen: Optional[FeatureCutMix], image_hw: Optional[Tuple[int, int]],
+                 device: torch.device, buf: Optional[Tensor]) -> None:
+        self.draw, self.chosen, self.image_hw, self.device = draw, chosen, image_hw, device
+        self._buf = buf
+        self._version = None if buf is None or buf.is_inference() else buf._version
+        self._own: Optional[Tensor] = None
+        self.record: Optional[Placement] = None
+        self.bound = False                          # its backward has started at least once
+        self.released_by: Set[int] = set()         # ids of sites an unarmed forward ran through since
+
+    def tensors(self, device: torch.device, own: bool) -> Tensor:
+        """The packed draw on ``device`` (``transfer.load_draw`` layout); a private copy when ``own``."""
+        if self._own is not None and self._own.device == device:
+            return self._own
+        buf = self._buf
+        fresh = buf is not None and buf.device == device and (self._version is None or buf._version == self._version)
+        if fresh and not own:
+            return buf
+        self._own = buf.clone() if fresh else load_draw(None, self.draw, device)
+        return self._own
+
+    def unpack(self, batch: int, device: torch.device, own: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        return unpack_draw(self.tensors(device, own), batch)
+
+
+class _BindBackward:
+    """Pre-hook on a forward's output node: the running graph task is that forward's backward."""
+
+    def __init__(self, driver: "MixPass", forward: MixForward) -> None:
+        self.driver, self.forward = driver, forward
+
+    def __call__(self, grad_outputs: Any) -> None:
+        self.driver._bind(torch._C._current_graph_task_id(), self.forward)
+
+
 class MixPass:
     """Arms a fixed list of sites for one forward pass at a time (see the module docstring)."""
 
     def __init__(self, sites: Sequence[FeatureCutMix]) -> None:
         self.sites: List[FeatureCutMix] = list(sites)
-        self.live = False
-        self.gen = 0                       # forwards begun so far
-        self.backward_gen: Optional[int] = None  # the forward whose backward ran last, when known
-        self.image_hw: Optional[Tuple[int, int]] = None
-        self.chosen: Optional[FeatureCutMix] = None
+        self._reset()
+        for site in self.sites:
+            site._driver = self
 
+    def _reset(self) -> None:
+        # Read by compiled graphs: the same few Python values from batch to batch.
+        self.live = False
+        self.chosen: Optional[FeatureCutMix] = None
+        self.batch = 0
+        self.image_hw: Optional[Tuple[int, int]] = None
+        self.variant, self.rule, self.per_sample = "cutmix", Rule(), False
+        self.record: Optional[Placement] = None   # what the chosen site placed in the live forward
+        # Per forward: the live one, the latest finished one, and the backwards running now.
+        self.current: Optional[MixForward] = None
+        self.last: Optional[MixForward] = None
+        self._bound: Dict[int, List[MixForward]] = {}
+
+    def __getstate__(self) -> dict:
+        """Copies (deepcopy, pickle, spawn, EMA) start with no forward in flight and share nothing."""
+        return {"sites": self.sites}
+
+    def __setstate__(self, state: dict) -> None:
+        self.sites = state["sites"]
+        self._reset()
+
+    # -- one forward --------------------------------------------------------------------------------
     def begin(self, draw: MixDraw, device: torch.device, image_hw: Optional[Tuple[int, int]] = None) -> None:
         """Arm the site the draw chose (none when the batch is unmixed) and go live."""
-        self.gen += 1
-        self.image_hw = image_hw
-        self.chosen = self.sites[draw.site] if draw.mixed else None
+        chosen = self.sites[draw.site] if draw.mixed else None
+        buf = None
+        if chosen is not None:
+            buf = chosen._buf = load_draw(chosen._buf, draw, device)
         for site in self.sites:
-            site._arm(self, draw if site is self.chosen else None, device)
+            site._driver = self
+        self.current = MixForward(draw, chosen, image_hw, device, buf)
+        self.chosen, self.record, self.image_hw = chosen, None, image_hw
+        self.batch = draw.perm.numel()
+        self.variant, self.rule, self.per_sample = draw.variant, draw.rule, draw.per_sample_kind
         self.live = True
 
     def finish(self) -> Optional[MixRecord]:
         """End the forward: the record of the mix (None when unmixed); an error if the site did not mix."""
-        self.live = False
-        site = self.chosen
+        fwd, site, placed = self.current, self.chosen, self.record
+        self.live, self.current, self.chosen, self.record = False, None, None, None
+        if fwd is None:
+            raise RuntimeError("MixPass.finish without a live forward (begin was not called, or the pass was "
+                               "aborted)")
+        self.last = fwd
         if site is None:
             return None
-        rec = site._record
-        if rec is None:
-            self.abort()
+        if placed is None:
+            self.last = None
             raise RuntimeError(f"the mixing layer {site._name()} did not mix this batch: it did not run in the forward "
                                f"pass (it is not on the model's forward path), or the model was in eval mode (call "
                                f"model.train()); choose a module the forward calls{_compile_hint()}")
+        fwd.record = placed
         # Tensor values may live in a CUDA graph's output pool, overwritten by the next replay: keep copies.
-        values = (record_box(rec.box), rec.lam, rec.weight)
-        box, lam, weight = (v.clone() if isinstance(v, Tensor) else v for v in values)
-        return MixRecord(site.label, rec.grid, box, lam, weight, rec.kind, site._draw.perm,
-                         None if rec.is_cut is None else rec.is_cut.clone())
+        values = (record_box(placed.box), placed.lam, placed.weight, placed.is_cut)
+        box, lam, weight, is_cut = (v.clone() if isinstance(v, Tensor) else v for v in values)
+        return MixRecord(site.label, placed.grid, box, lam, weight, placed.kind, fwd.draw.perm, is_cut)
 
     def abort(self) -> None:
-        """Release every site this pass armed (after an exception): no draw outlives its forward."""
-        self.live = False
-        self.chosen = None
-        for site in self.sites:
-            if site._owner is self:
-                site._release()
-
-    def watch_backward(self, output: object) -> None:
-        """Note, when the backward of this forward starts, that recomputations belong to it."""
-        gen = self.gen
-        if isinstance(output, Tensor) and output.grad_fn is not None:
-            output.grad_fn.register_prehook(lambda grad_outputs: self._backward_of(gen))
-
-    def _backward_of(self, gen: int) -> None:
-        self.backward_gen = gen
-
-    def check_replay(self) -> None:
-        if self.backward_gen is not None and self.backward_gen != self.gen:
-            raise RuntimeError(f"activation checkpointing recomputes the forward of batch {self.backward_gen} after "
-                               f"batch {self.gen} replaced its mixing draw: run backward once per training forward "
-                               f"(gradient accumulation included) before the next forward")
+        """Forget the live forward (after an exception): no draw outlives its forward."""
+        self.live, self.current, self.chosen, self.record = False, None, None, None
 
     def targets(self, labels: Tensor, num_classes: int, record: Optional[MixRecord], smoothing: float,
                 dtype: torch.dtype) -> Tensor:
-        """Soft targets for what the network saw, built from the record the site left."""
+        """Soft targets for what the network saw, from the record of the latest finished forward."""
         y = F.one_hot_targets(labels, num_classes, smoothing, dtype)
-        if record is None or record.kind == "cutout":  # Cutout keeps the labels
+        kind = None if record is None else kind_of(record.kind)
+        if kind is None or kind.keeps_labels:
             return y
-        perm, _, _ = unpack_draw(self.chosen.draw_buffer, labels.shape[0])
-        return F.mix_targets(y, perm, record.weight)
+        own = torch.is_grad_enabled() and labels.requires_grad
+        perm, _, _ = self.last.unpack(labels.shape[0], labels.device, own)
+        return kind.mix_targets(y, perm, self.last.record)
+
+    def watch_backward(self, outputs: Any) -> None:
+        """Bind the latest finished forward to the backward of each of ``outputs`` (tensors in any nesting)."""
+        fwd = self.last
+        if fwd is None:
+            return
+        hook = _BindBackward(self, fwd)
+        seen: Set[int] = set()
+        for t in _tensors(outputs):
+            node = t.grad_fn
+            if node is not None and id(node) not in seen:
+                seen.add(id(node))
+                node.register_prehook(hook)
+
+    def _bind(self, task: int, fwd: MixForward) -> None:
+        forwards = self._bound.get(task)
+        if forwards is None:
+            forwards = self._bound[task] = []
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._bound.pop(task, None))
+        if fwd not in forwards:
+            forwards.append(fwd)
+        fwd.bound = True
+
+    # -- asked by the sites -------------------------------------------------------------------------
+    def replay_for(self, site: FeatureCutMix) -> Optional[MixForward]:
+        """During backward: the finished forward whose recomputation this is, if ``site`` mixed in it."""
+        forwards = self._bound.get(torch._C._current_graph_task_id())
+        if forwards is None:  # a backward no watched output led to: only the latest forward, if untouched
+            fwd = self.last
+            if fwd is None or fwd.bound or id(site) in fwd.released_by or fwd.chosen is not site:
+                return None
+            return fwd
+        if all(f.chosen is not site for f in forwards):
+            return None
+        if len(forwards) > 1:
+            raise RuntimeError(f"activation checkpointing recomputes {site._name()} in one backward that runs through "
+                               f"{len(forwards)} training forwards of the same model, and a recomputation cannot tell "
+                               f"which forward's mix it replays: run backward once per checkpointed training forward "
+                               f"(sum the losses of several forwards only without checkpointing)")
+        return forwards[0]
+
+    def release(self, site: FeatureCutMix) -> None:
+        """An unarmed forward ran through ``site``: a later recomputation there is that forward's, not ours."""
+        if self.last is not None:
+            self.last.released_by.add(id(site))
+
+
+def _tensors(obj: Any) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _tensors(v)
 
 
 def _compile_hint() -> str:
@@ -163,18 +287,48 @@ class MixedBatch:
                                "has ended: read them after the block")
 
 
+def _pass_for(sites: List[FeatureCutMix]) -> MixPass:
+    """The pass that drives exactly these sites (kept across blocks, so a backward after the block
+    still finds its forward), or a new one."""
+    driver = sites[0]._driver
+    if isinstance(driver, MixPass) and driver.sites == sites and not driver.live:
+        return driver
+    return MixPass(sites)
+
+
 @contextmanager
 def mixing(model: Union[nn.Module, Sequence[FeatureCutMix]], labels: Tensor, num_classes: int,
            sampler: Optional[MixSampler] = None, label_smoothing: float = 0.0) -> Iterator[MixedBatch]:
     """Arm the ``FeatureCutMix`` layers of ``model`` for one forward pass.
 
-    >>> with featmix.mixing(net, labels, num_classes=10, sampler=sampler) as batch:
-    ...     logits = net(images)
-    >>> loss = F.cross_entropy(logits, batch.targets)
-
     One draw per batch: one of the model's ``FeatureCutMix`` layers is chosen to mix (uniformly) and
     the others stay the identity. Every layer is released after an exception; a chosen layer that did
     not mix (not on the forward path, or eval mode) is an error at the end of the block.
+
+    Args:
+        model: the network (its ``FeatureCutMix`` layers, in registration order, are the candidates), or
+            a list of ``FeatureCutMix`` layers.
+        labels: class indices (B,) or soft targets (B, num_classes).
+        num_classes: the number of classes of the targets.
+        sampler: the draw (``featmix.MixSampler``); a default CutMix sampler when None.
+        label_smoothing: applied to the one-hot labels before mixing.
+
+    Yields:
+        A ``MixedBatch``: ``batch.targets`` and ``batch.record`` are ready after the block.
+
+    Raises:
+        ValueError: ``model`` has no ``FeatureCutMix`` layer, or a bad argument.
+        RuntimeError: the chosen layer did not run in the forward pass.
+
+    Example:
+        >>> net = torch.nn.Sequential(featmix.FeatureCutMix(), torch.nn.Flatten(), torch.nn.Linear(12, 3)).train()
+        >>> with featmix.mixing(net, torch.tensor([0, 1]), num_classes=3) as batch:
+        ...     logits = net(torch.randn(2, 3, 2, 2))
+        >>> batch.targets.shape
+        torch.Size([2, 3])
+
+    With a module as ``model``, the block also binds the model's output to its backward, so activation
+    checkpointing replays this block's mix even after later blocks.
     """
     sites = list(model) if not isinstance(model, nn.Module) else find_sites(model)
     if not sites:
@@ -184,8 +338,10 @@ def mixing(model: Union[nn.Module, Sequence[FeatureCutMix]], labels: Tensor, num
     smoothing = check_label_smoothing(label_smoothing)
     check_labels(labels, num_classes, None)
     sampler = sampler if sampler is not None else MixSampler()
-    mix = MixPass(sites)
+    mix = _pass_for(sites)
     mix.begin(sampler.draw(labels.shape[0], len(sites)), labels.device)
+    outputs: List[Any] = []
+    handle = model.register_forward_hook(lambda m, i, o: outputs.append(o)) if isinstance(model, nn.Module) else None
     batch = MixedBatch()
     try:
         yield batch
@@ -193,6 +349,10 @@ def mixing(model: Union[nn.Module, Sequence[FeatureCutMix]], labels: Tensor, num
     except BaseException:
         mix.abort()
         raise
+    finally:
+        if handle is not None:
+            handle.remove()
+    mix.watch_backward(outputs)
     batch._record = record
     batch._targets = mix.targets(labels, num_classes, record, smoothing, torch.float32)
     batch._done = True

@@ -93,9 +93,9 @@ def erase_box_(x: Tensor, box: Box, hdim: int = -2, wdim: int = -1) -> Tensor:
 
 
 def blend(x: Tensor, perm: Tensor, lam: Union[float, Tensor]) -> Tensor:
-    """New tensor: ``lam * x + (1 - lam) * x[perm]`` (Mixup); ``lam`` a float or broadcastable per sample."""
-    partner = x.index_select(0, _on(perm, x))
-    return partner.lerp_(x, _weight_like(lam, x))
+    """New tensor: ``lam * x + (1 - lam) * x[perm]`` (Mixup) in ``x``'s memory format; ``lam`` a float or
+    broadcastable per sample."""
+    return _partner(x, perm).lerp_(x, _weight_like(lam, x))
 
 
 def blend_(x: Tensor, perm: Tensor, lam: Union[float, Tensor]) -> Tensor:
@@ -111,8 +111,13 @@ def paste_weighted(x: Tensor, perm: Tensor, own: Tensor, zero_partner: bool = Fa
     own = own.to(x.dtype)
     if zero_partner:
         return x * own
-    partner = x.index_select(0, _on(perm, x))
-    return partner.lerp_(x, own)
+    return _partner(x, perm).lerp_(x, own)
+
+
+def _partner(x: Tensor, perm: Tensor) -> Tensor:
+    """``x[perm]`` as a new tensor in ``x``'s memory format (``index_select`` returns a contiguous one)."""
+    perm = _on(perm, x)
+    return x.index_select(0, perm) if x.is_contiguous() else x[perm]
 
 
 def _on(perm: Tensor, x: Tensor) -> Tensor:
@@ -160,10 +165,13 @@ class _PasteBox(torch.autograd.Function):
     """Out-of-place paste whose backward is the same paste of the gradient with the inverse perm."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, perm: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> Tensor:
-        ctx.save_for_backward(perm, inv_perm)
-        ctx.box, ctx.hdim, ctx.wdim = box, hdim, wdim
+    def forward(x: Tensor, perm: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> Tensor:
         return _mixed(x, perm, inv_perm, box, hdim, wdim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, perm, inv_perm, ctx.box, ctx.hdim, ctx.wdim = inputs
+        ctx.save_for_backward(perm, inv_perm)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -176,12 +184,15 @@ class _PasteBoxInPlace(torch.autograd.Function):
     """In-place paste recorded by autograd; its backward is the out-of-place paste with the inverse perm."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, perm: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> Tensor:
+    def forward(x: Tensor, perm: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> Tensor:
         kernels.for_device(x.device).paste_in_place(x, perm, box, hdim, wdim)
+        return x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, perm, inv_perm, ctx.box, ctx.hdim, ctx.wdim = inputs
         ctx.mark_dirty(x)
         ctx.save_for_backward(perm, inv_perm)
-        ctx.box, ctx.hdim, ctx.wdim = box, hdim, wdim
-        return x
 
     backward = staticmethod(_PasteBox.backward)
 

@@ -1,33 +1,30 @@
 """``FeatureCutMix``: CutMix as a layer (a *site*); the identity unless a forward pass armed it.
 
-A site is armed by the pass that drives it (``featmix.mixing`` or ``CutMixAt``, see ``arming.py``):
-the pass hands the chosen site the batch's draw and marks itself live for the duration of the
-forward. While live, the chosen site places the draw on its own grid, pastes once and records the
-placement. After the forward, the record stays only so that a recomputed forward (activation
-checkpointing, which reruns the site inside backward) replays exactly the same mix; any other call
-after the forward is the identity, so a draw never outlives the forward that armed it.
-
-State lives in plain attributes of persistent modules (the draw, one device buffer that keeps its
-storage across steps, the record): under ``torch.compile`` that gives guards on a few Python values
-and on tensor metadata only, so no batch triggers a recompile.
+A site holds only its layout (which dims are the grid, prefix tokens, channel count) and what must
+outlive a forward for its own reasons: the device buffer that carries each step's draw (its storage is
+kept from step to step, as CUDA-graph replay needs). Everything about a forward belongs to the pass
+that drives the site (``featmix.arming``): the site asks it whether to paste now (the live forward),
+to replay a finished forward's placement (activation checkpointing recomputes inside backward), or to
+do nothing. Under ``torch.compile`` the site reads only a few Python values of the pass that stay the
+same from batch to batch and the buffer's metadata, so no batch triggers a recompile.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+import warnings
+from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .paste import paste
-from .placement import Placement, Rule, place_tensor
-from .sampling import MixDraw
-from .transfer import load_draw, unpack_draw
+from .kinds import paste, place_tensor
+from .placement import Placement
+from .transfer import unpack_draw
 
-try:  # torch >= 2.3
-    from torch.compiler import is_compiling as _is_compiling
-except ImportError:  # pragma: no cover - torch 2.1/2.2
-    from torch._dynamo import is_compiling as _is_compiling
+if TYPE_CHECKING:
+    from .arming import MixForward
+
+from torch.compiler import is_compiling as _is_compiling
 
 GridFn = Callable[[Tuple[int, int]], Tuple[int, int]]
 
@@ -40,10 +37,26 @@ def _in_backward() -> bool:
 class FeatureCutMix(nn.Module):
     """CutMix on the output of the previous layer; the identity in eval mode or when not armed.
 
-    Works on (B, C, H, W) maps (box on the last two dims, or on ``hw_dims``) and on (B, N, C) token
-    sequences: the first ``num_prefix_tokens`` tokens (class/register tokens) are left alone and the
-    rest are laid out on ``grid`` (inferred as a square when not given). Mixing is out of place and
-    differentiable, so it is safe right after ``nn.ReLU(inplace=True)``.
+    Works on (B, C, H, W) maps (box on the last two dims, or on ``hw_dims``: ``(1, 2)`` for NHWC) and on
+    (B, N, C) token sequences: the first ``num_prefix_tokens`` tokens (class/register tokens) are left
+    alone and the rest are laid out on ``grid`` (inferred as a square when not given). Mixing is out of
+    place and differentiable, so it is safe right after ``nn.ReLU(inplace=True)``.
+
+    Args:
+        hw_dims: the two dims of a 4-D map that hold height and width.
+        num_prefix_tokens: tokens before the patch tokens of a (B, N, C) sequence, left unmixed.
+        grid: (h, w) of the patch tokens; None for a square grid.
+        label: the name records and errors give this layer.
+
+    Raises:
+        ValueError: a bad argument here; in a mixed forward, a map that does not fit the layout (wrong
+            batch size, channels, or a grid that does not scale like the input image).
+
+    Example:
+        >>> site = featmix.FeatureCutMix()
+        >>> x = torch.randn(2, 3, 4, 4)
+        >>> site(x) is x  # not armed: the identity
+        True
     """
 
     def __init__(self, hw_dims: Tuple[int, int] = (-2, -1), num_prefix_tokens: int = 0,
@@ -57,87 +70,91 @@ class FeatureCutMix(nn.Module):
         self.label = label
         self.num_chs: Optional[int] = None      # channels the map must have (from timm feature_info)
         self.grid_fn: Optional[GridFn] = None   # token grid for an input size (dynamic-size ViTs)
-        self._owner = None                      # the arming pass that drives this site
-        self._draw: Optional[MixDraw] = None    # set on the chosen site only
-        self._variant, self._batch = "cutmix", 0  # the armed draw's variant and batch size
-        self._rule, self._per_sample = Rule(), False  # its placement rule (constants for compiled graphs)
-        self._buf: Optional[Tensor] = None      # the draw on the device (``transfer.load_draw``)
-        self._record: Optional[Placement] = None
-
-    # -- driven by arming.py ----------------------------------------------------------------------
-    def _arm(self, owner: object, draw: Optional[MixDraw], device: torch.device) -> None:
-        self._owner, self._draw, self._record = owner, draw, None
-        if draw is not None:
-            self._variant, self._batch = draw.variant, draw.perm.numel()
-            self._rule, self._per_sample = draw.rule, draw.per_sample_kind
-            self._buf = load_draw(self._buf, draw, device)
+        self._driver = None                     # the pass that arms this site (``arming.MixPass``)
+        self._buf: Optional[Tensor] = None      # the draw on the device, storage kept across steps
+        self._scales_checked: set = set()       # (image hw, map hw) pairs known to scale alike
+        self._warned_tiny = False
 
     @property
     def draw_buffer(self) -> Optional[Tensor]:
         """The device tensor that carries each step's draw; its storage is kept from step to step."""
         return self._buf
 
-    def _release(self) -> None:
-        self._owner, self._draw, self._record = None, None, None
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_buf"] = None  # a copy loads its own draws
+        return state
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        owner = self._owner
-        if owner is None or not self.training:
+        return self.mix(x)
+
+    def mix(self, x: Tensor) -> Tensor:
+        """``x`` mixed when the pass driving this site says so (see ``featmix.arming``), else ``x``."""
+        driver = self._driver
+        if driver is None or not self.training:
             return x
         if _is_compiling():  # traced inside the live forward; recomputation happens inside the graph
-            if self._draw is None or not owner.live:
+            if not driver.live or driver.chosen is not self:
                 return x
-            return self._on_spatial(x, self._paste_traced)
-        if owner.live:
-            if self._draw is None:
+            return self._on_spatial(x, driver.image_hw, self._paste_traced)
+        if driver.live:
+            if driver.chosen is not self:
                 return x
-            if self._record is not None:
+            if driver.record is not None:
                 raise RuntimeError(f"the mixing layer {self._name()} ran twice in one forward pass; CutMix mixes "
                                    f"once per batch: choose a module that runs once (a module reused in several "
                                    f"places is not a layer position)")
-            return self._on_spatial(x, self._paste_new)
-        if _in_backward():  # activation checkpointing recomputes the forward: replay the same mix
-            owner.check_replay()
-            if self._draw is not None and self._record is not None:
-                return self._on_spatial(x, self._paste_recorded)
+            return self._on_spatial(x, driver.image_hw, self._paste_new)
+        if _in_backward():  # activation checkpointing recomputes a forward: replay that forward's mix
+            fwd = driver.replay_for(self)
+            if fwd is None:
+                return x
+            return self._on_spatial(x, fwd.image_hw, lambda m, hdim, wdim: self._paste_recorded(fwd, m, hdim, wdim))
+        driver.release(self)  # an unarmed forward: nothing to mix, and a later replay here is not ours
         return x
 
-    def _on_spatial(self, x: Tensor, paste: Callable[[Tensor, int, int], Tensor]) -> Tensor:
+    def _on_spatial(self, x: Tensor, image_hw: Optional[Tuple[int, int]],
+                    paste: Callable[[Tensor, int, int], Tensor]) -> Tensor:
         """Run ``paste(map, hdim, wdim)`` on the spatial part of ``x`` (maps, or tokens on their grid)."""
         self._check(x)
-        if self._buf.device != x.device:  # armed on the labels' device (``mixing``); the map lives elsewhere
-            self._buf = self._buf.to(x.device, non_blocking=True)
         if x.dim() == 3:
             p = self.num_prefix_tokens
-            gh, gw = self._token_grid(x.shape[1] - p)
+            gh, gw = self._token_grid(x.shape[1] - p, image_hw)
+            self._check_scale(image_hw, (gh, gw))
             mixed = paste(x[:, p:].unflatten(1, (gh, gw)), 1, 2).flatten(1, 2)
             return torch.cat([x[:, :p], mixed], dim=1) if p else mixed
         hdim, wdim = (d % x.dim() for d in self.hw_dims)
+        self._check_scale(image_hw, (x.shape[hdim], x.shape[wdim]))
         return paste(x, hdim, wdim)
 
     def _paste_new(self, m: Tensor, hdim: int, wdim: int) -> Tensor:
-        if self._draw.samples is None:  # a whole-batch draw: placed on the host, box as Python ints
-            self._record = self._draw.place(m.shape[hdim], m.shape[wdim])
+        driver = self._driver
+        fwd = driver.current
+        own = torch.is_grad_enabled() and m.requires_grad
+        perm, inv, params = fwd.unpack(m.shape[0], m.device, own)
+        if fwd.draw.samples is None:  # a whole-batch draw: placed on the host, box as Python ints
+            where = fwd.draw.place(m.shape[hdim], m.shape[wdim])
         else:  # one placement per sample: computed on the device from the transferred parameters
-            self._record = self._place_tensor(m, hdim, wdim)
-        return self._paste_recorded(m, hdim, wdim)
+            where = place_tensor(params, m.shape[hdim], m.shape[wdim], driver.variant, driver.rule, driver.per_sample)
+        driver.record = where
+        self._warn_if_tiny(where)
+        return paste(m, where, perm, inv, hdim, wdim)
 
-    def _paste_recorded(self, m: Tensor, hdim: int, wdim: int) -> Tensor:
-        if self._record.grid != (m.shape[hdim], m.shape[wdim]):
+    def _paste_recorded(self, fwd: "MixForward", m: Tensor, hdim: int, wdim: int) -> Tensor:
+        where = fwd.record
+        if where.grid != (m.shape[hdim], m.shape[wdim]):
             raise RuntimeError(f"the recomputed forward of {self._name()} gave a {m.shape[hdim]}x{m.shape[wdim]} map, "
-                               f"the original forward {self._record.grid[0]}x{self._record.grid[1]}")
-        perm, inv, _ = unpack_draw(self._buf, m.shape[0])
-        return paste(m, self._record, perm, inv, hdim, wdim)
+                               f"the original forward {where.grid[0]}x{where.grid[1]}")
+        perm, inv, _ = fwd.unpack(m.shape[0], m.device, own=True)
+        return paste(m, where, perm, inv, hdim, wdim)
 
     def _paste_traced(self, m: Tensor, hdim: int, wdim: int) -> Tensor:
-        self._record = self._place_tensor(m, hdim, wdim)
-        perm, inv, _ = unpack_draw(self._buf, m.shape[0])
-        return paste(m, self._record, perm, inv, hdim, wdim)
-
-    def _place_tensor(self, m: Tensor, hdim: int, wdim: int) -> Placement:
-        _, _, params = unpack_draw(self._buf, m.shape[0])
-        return place_tensor(params, m.shape[hdim], m.shape[wdim], self._variant, self._rule, self._per_sample)
+        driver = self._driver
+        perm, inv, params = unpack_draw(self._buf.clone(), m.shape[0])  # a copy: the buffer is refilled
+        where = place_tensor(params, m.shape[hdim], m.shape[wdim], driver.variant, driver.rule, driver.per_sample)
+        driver.record = where
+        return paste(m, where, perm, inv, hdim, wdim)
 
     # -- checks -----------------------------------------------------------------------------------
     def _check(self, x: Tensor) -> None:
@@ -146,7 +163,7 @@ class FeatureCutMix(nn.Module):
         if x.dim() < 3:
             raise ValueError(f"FeatureCutMix needs a (B, C, H, W) map or (B, N, C) tokens; got shape "
                              f"{tuple(x.shape)} at {self._name()}")
-        batch = self._batch
+        batch = self._driver.batch
         if x.shape[0] != batch:
             raise ValueError(f"the map at {self._name()} has batch size {x.shape[0]}, but the batch was drawn for "
                              f"{batch} labels: pass one label per image")
@@ -158,10 +175,9 @@ class FeatureCutMix(nn.Module):
                                  f"channels on dim {cdim} (from the model's feature_info), got {x.shape[cdim]}; "
                                  f"the layout of this layer's output is not the one its model declares")
 
-    def _token_grid(self, n: int) -> Tuple[int, int]:
-        owner = self._owner
-        if self.grid_fn is not None and getattr(owner, "image_hw", None) is not None:
-            grid = tuple(self.grid_fn(owner.image_hw))
+    def _token_grid(self, n: int, image_hw: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+        if self.grid_fn is not None and image_hw is not None:
+            grid = tuple(self.grid_fn(image_hw))
         else:
             grid = self.grid
         if grid is not None and grid[0] * grid[1] == n:
@@ -172,6 +188,37 @@ class FeatureCutMix(nn.Module):
         raise ValueError(f"cannot lay {n} tokens (after {self.num_prefix_tokens} prefix tokens) on "
                          f"{'the grid ' + str(grid) if grid else 'a square grid'} at {self._name()}: pass grid=(h, w) "
                          f"or num_prefix_tokens= to FeatureCutMix")
+
+    def _check_scale(self, image_hw: Optional[Tuple[int, int]], grid: Tuple[int, int]) -> None:
+        """The grid must scale like the image: one stride for both sides (each side the floor or ceil of
+        the image side / stride). Checked once per pair of sizes; skipped when the image is unknown."""
+        if image_hw is None:
+            return
+        if _is_compiling():  # plain arithmetic on static sizes: no guard on the cache
+            if not _same_stride(image_hw, grid):
+                raise ValueError(f"the map at {self._name()} is a {grid[0]}x{grid[1]} grid that does not scale like "
+                                 f"the "
+                                 f"{image_hw[0]}x{image_hw[1]} input: pass layout=, grid= or num_prefix_tokens=")
+            return
+        if (image_hw, grid) in self._scales_checked:
+            return
+        if not _same_stride(image_hw, grid):
+            raise ValueError(f"the map at {self._name()} is laid out as a {grid[0]}x{grid[1]} grid, which does not "
+                             f"scale like the {image_hw[0]}x{image_hw[1]} input (no one stride gives both sides): the "
+                             f"layout of this layer's output is not the one assumed (hw_dims={self.hw_dims}, "
+                             f"num_prefix_tokens={self.num_prefix_tokens}, grid={self.grid}); pass layout= "
+                             f"('NCHW', 'NHWC' or 'NLC'), grid= or num_prefix_tokens= to CutMixAt")
+        self._scales_checked.add((image_hw, grid))
+
+    def _warn_if_tiny(self, where: Placement) -> None:
+        """A grid whose shorter side is 1 or 2 never holds a CutMix box under the paper's rule."""
+        if self._warned_tiny or where.kind != "cutmix" or not isinstance(where.box, tuple) or min(where.grid) > 2:
+            return
+        self._warned_tiny = True
+        warnings.warn(f"the mixing layer {self._name()} has a {where.grid[0]}x{where.grid[1]} map: the paper's box "
+                      f"rule (side = int(side * sqrt(1 - lam)), half-sides side // 2) never pastes a box on a grid "
+                      f"whose shorter side is 1 or 2, so this layer trains unmixed; choose an earlier layer or a "
+                      f"larger input", stacklevel=3)
 
     def _name(self) -> str:
         return f"layer={self.label!r}" if self.label is not None else "FeatureCutMix"
@@ -185,6 +232,17 @@ class FeatureCutMix(nn.Module):
         if self.grid is not None:
             parts.append(f"grid={self.grid}")
         return ", ".join(parts)
+
+
+def _same_stride(image_hw: Tuple[int, int], grid: Tuple[int, int]) -> bool:
+    """Whether one real stride s gives each grid side as the floor or ceil of the image side / s."""
+    (H, W), (h, w) = image_hw, grid
+    if h < 1 or w < 1:
+        return False
+    # side in {floor(S / s), ceil(S / s)}  <=>  S / (side + 1) < s < S / (side - 1) (open ends; no upper bound at 1)
+    lo = max(H / (h + 1), W / (w + 1))
+    hi = min(H / (h - 1) if h > 1 else math.inf, W / (w - 1) if w > 1 else math.inf)
+    return lo < hi
 
 
 def find_sites(model: nn.Module) -> list:

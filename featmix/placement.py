@@ -1,15 +1,10 @@
-"""Where one batch's draw lands on one grid: the region, the corrected lam and the label weight.
+"""The geometry of a draw on a grid: the reference code's box rules and the label-weight variants.
 
-The rule is written once, in two forms side by side: ``place`` on Python numbers (the eager path of
-a whole-batch draw: the box is known on the host, so pasting needs no device round trip) and
-``place_tensor`` on tensors (compiled graphs, where values live in tensors so no batch recompiles,
-and per-sample draws, one column per sample). Both do the same float64 arithmetic with the
-reference code's truncation and clipping, so they give the same box.
-
-Kinds: ``cutmix`` (the partner's box; label weight = the area kept, or the drawn lam with
-``correct_lam=False``), ``mixup`` (the whole map blended with weight lam, no box), ``cutout`` (a box
-whose side is a fixed fraction of each side, ``cut``, zeroed around a uniform centre and clipped at the
-border, as DeVries & Taylor's code does; labels unchanged: weight 1).
+Each rule is written twice, side by side: on Python numbers (the eager path of a whole-batch draw:
+the box is known on the host, so pasting needs no device round trip) and on tensors (compiled graphs,
+where values live in tensors so no batch recompiles, and per-sample draws, one column per sample).
+Both do the same float64 arithmetic with the reference code's truncation and clipping, so they give
+the same box. Which rule a kind uses, and what it does with the box, is in ``featmix.kinds``.
 """
 from __future__ import annotations
 
@@ -22,7 +17,6 @@ from torch import Tensor
 
 Box = Tuple[int, int, int, int]  # (y1, y2, x1, x2), half-open, on one grid
 Number = Union[float, Tensor]
-KINDS = ("cutmix", "mixup", "cutout", "cutmix_or_mixup")
 
 # rows of the float64 parameter vector (one column per sample for per-sample draws)
 LAM, CY, CX, CUT_H, CUT_W, IS_CUT = range(6)
@@ -102,29 +96,6 @@ def minmax_fraction(u: float, side: int, minmax: Tuple[float, float]) -> float:
     return (lo + min(int(u * (hi - lo)), hi - lo - 1)) / side if hi > lo else lo / side
 
 
-def place(lam: float, center: Tuple[float, float], h: int, w: int, variant: str = "cutmix",
-          rule: Rule = Rule(), cut: Tuple[float, float] = (0.0, 0.0)) -> Placement:
-    """The region, corrected lam and label weight of a whole-batch draw on an h x w grid.
-
-    ``cut``: the Cutout box side as a fraction of each side, or the two uniforms of ``rule.minmax``.
-    """
-    kind = rule.kind
-    if kind == "mixup":
-        return Placement((h, w), kind, None, lam, label_weight(lam, variant))
-    if kind == "cutout":
-        box = centred_box(int(h * cut[0]), int(w * cut[1]), center, h, w)
-    elif rule.minmax is not None:
-        box = inside_box((minmax_fraction(cut[0], h, rule.minmax), minmax_fraction(cut[1], w, rule.minmax)),
-                         center, h, w)
-    else:
-        box = box_on_grid(lam, center, h, w, variant)
-    y1, y2, x1, x2 = box
-    kept = 1.0 - (y2 - y1) * (x2 - x1) / float(h * w)
-    if kind == "cutout":
-        return Placement((h, w), kind, box, kept, 1.0)
-    return Placement((h, w), kind, box, kept, label_weight(kept if rule.correct_lam else lam, variant))
-
-
 # -- the tensor twin ------------------------------------------------------------------------------
 
 def _centred_box_t(cut_h: Tensor, cut_w: Tensor, cy_f: Tensor, cx_f: Tensor, h: int, w: int) -> Tensor:
@@ -160,24 +131,3 @@ def box_tensor(params: Tensor, h: int, w: int, variant: str = "cutmix", rule: Ru
         return _inside_box_t(torch.full_like(lam, float(h // 2)), torch.full_like(lam, float(w // 2)), cy, cx, h, w)
     rat = torch.sqrt(1.0 - lam)
     return _centred_box_t(torch.floor(h * rat), torch.floor(w * rat), cy, cx, h, w)
-
-
-def place_tensor(params: Tensor, h: int, w: int, variant: str = "cutmix", rule: Rule = Rule(),
-                 per_sample_kind: bool = False) -> Placement:
-    """``place`` on tensors (no host sync); ``params`` (6,) for a batch or (6, B), one column per sample.
-
-    ``per_sample_kind``: the CutMix-or-Mixup switch was drawn per sample (row ``IS_CUT``).
-    """
-    lam = params[LAM]
-    if rule.kind == "mixup":
-        return Placement((h, w), "mixup", None, lam, label_weight(lam, variant))
-    box = box_tensor(params, h, w, variant, rule)
-    kept = 1.0 - ((box[1] - box[0]) * (box[3] - box[2])).to(torch.float64) / float(h * w)
-    if rule.kind == "cutout":
-        return Placement((h, w), "cutout", box, kept, torch.ones_like(kept))
-    weight = label_weight(kept if rule.correct_lam else lam, variant)
-    if per_sample_kind:  # mixup samples keep their drawn lam and weight
-        is_cut = params[IS_CUT] > 0.5
-        return Placement((h, w), "cutmix_or_mixup", box, torch.where(is_cut, kept, lam),
-                         torch.where(is_cut, weight, label_weight(lam, variant)), is_cut)
-    return Placement((h, w), "cutmix", box, kept, weight)

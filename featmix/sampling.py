@@ -24,22 +24,8 @@ import torch
 from torch.utils.data import get_worker_info
 
 from .functional import inverse_permutation
-from .placement import (
-    CUT_H,
-    CUT_W,
-    CX,
-    CY,
-    IS_CUT,
-    KINDS,
-    LAM,
-    NUM_PARAMS,
-    Box,
-    Placement,
-    Rule,
-    box_on_grid,
-    place,
-    place_tensor,
-)
+from .kinds import KINDS, kind_of, place, place_tensor
+from .placement import CUT_H, CUT_W, CX, CY, IS_CUT, LAM, NUM_PARAMS, Box, Placement, Rule, box_on_grid
 from .validation import check_flag, check_int, check_real
 
 VARIANTS = ("cutmix", "center_gaussian", "fixed_size", "scheduled", "one_hot", "complete_label")
@@ -176,6 +162,8 @@ class MixSampler:
         self._rules = {k: Rule(k, self.correct_lam, self.cutmix_minmax if k == "cutmix" else None)
                        for k in ("cutmix", "mixup", "cutout")}  # fixed objects: compiled graphs guard on them
         self._rule = self._rules["cutmix" if self.kind == "cutmix_or_mixup" else self.kind]
+        # a batch smaller than this trains unmixed: kinds with a partner need two samples, Cutout one
+        self._min_batch = 1 if kind_of(self.kind).needs_partner else 0
 
     def _check_kind_fits_variant(self) -> None:
         if self.kind == "mixup" and self.variant in _BOX_VARIANTS:
@@ -255,7 +243,7 @@ class MixSampler:
         if self.variant == "fixed_size":
             lam = 0.75
         site = min(int(u[3] * num_sites), num_sites - 1)
-        mixed = bool(u[0] < p) and batch_size > 1
+        mixed = bool(u[0] < p) and batch_size > self._min_batch
         draw = MixDraw(mixed=mixed, lam=lam, center=center, perm=perm, site=site, variant=self.variant,
                        rule=self._rule)
         if self.mode != "batch":
@@ -300,7 +288,7 @@ class MixSampler:
         if self.kind == "cutout":
             rows[CUT_H] = rows[CUT_W] = torch.where(gate, self.cutout_size, 0.0)
         return _replace(draw, perm=perm, samples=rows, per_sample_kind=self.kind == "cutmix_or_mixup",
-                        mixed=bool(gate.any()) and batch > 1)
+                        mixed=bool(gate.any()) and batch > self._min_batch)
 
     def _stream(self) -> Optional[torch.Generator]:
         """The generator to draw from; in a DataLoader worker, reseeded once for that worker."""
@@ -350,10 +338,28 @@ class MixSampler:
         return torch._sample_dirichlet(conc, generator=g)[:, 0]
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        """The draw state: the batches drawn (``variant="scheduled"``) and the generator's state.
+
+        Returns:
+            ``{"step": int, "generator": ByteTensor or None}`` (None when drawing from torch's default
+            generator, whose state belongs to the caller).
+        """
+        gen = self.generator
+        return {"step": self.step, "generator": None if gen is None else gen.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue the draw stream where ``state`` (from ``state_dict``) left it.
+
+        Raises:
+            ValueError: ``state`` holds a generator state and this sampler has no generator.
+        """
         self.step = int(state["step"])
+        gen_state = state.get("generator")
+        if gen_state is not None:
+            if self.generator is None:
+                raise ValueError("the state holds a generator state, but this sampler draws from torch's default "
+                                 "generator: pass generator=torch.Generator() to resume its stream")
+            self.generator.set_state(gen_state)
 
     def __repr__(self) -> str:
         extra = f", total_steps={self.total_steps}" if self.total_steps else ""

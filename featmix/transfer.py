@@ -17,7 +17,9 @@ def load_draw(buf: Optional[Tensor], draw: MixDraw, device: torch.device, invers
     CUDA the host side is pinned, so the copy is asynchronous. Read it back with ``unpack_draw``.
     """
     host = draw.packed(inverse, params)
-    if buf is None or buf.shape != host.shape or buf.device != device:
+    # An inference tensor (made by a first call inside torch.inference_mode) cannot be written outside it.
+    if (buf is None or buf.shape != host.shape or buf.device != device
+            or (buf.is_inference() and not torch.is_inference_mode_enabled())):
         buf = torch.empty_like(host, device=device)
     if device.type == "cuda":
         host = host.pin_memory()

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .arming import MixRecord
-from .paste import paste
-from .placement import place_tensor, record_box
+from .kinds import kind_of, paste, place_tensor
+from .placement import record_box
 from .sampling import MixSampler
 from .transfer import load_draw, unpack_draw
 from .validation import (
@@ -76,20 +76,23 @@ class _BatchMix(nn.Module):
         per_sample = draw.samples is not None
         inverse = draw.kind == "cutmix" and not (self.inplace and not per_sample)
         self._set("draw_buffer", load_draw(self.draw_buffer, draw, images.device, inverse, params=per_sample))
-        perm, inv, params = unpack_draw(self.draw_buffer, images.shape[0], inverse, params=per_sample)
+        packed = self.draw_buffer
+        if torch.is_grad_enabled() and (images.requires_grad or getattr(labels, "requires_grad", False)):
+            packed = packed.clone()  # autograd keeps the permutation: not the buffer the next call refills
+        perm, inv, params = unpack_draw(packed, images.shape[0], inverse, params=per_sample)
         h, w = images.shape[-2:]
         where = (place_tensor(params, h, w, draw.variant, draw.rule, draw.per_sample_kind) if per_sample
                  else draw.place(h, w))
         images = paste(images, where, perm, inv, images.dim() - 2, images.dim() - 1, self.inplace)
         self._set("last_mix", MixRecord(0, where.grid, record_box(where.box), where.lam, where.weight, where.kind,
                                         draw.perm, where.is_cut))
-        if where.kind == "cutout" or not isinstance(targets, Tensor) or targets.dim() != 2:
+        if not isinstance(targets, Tensor) or targets.dim() != 2:
             return images, targets
-        return images, F.mix_targets(targets, perm, where.weight)
+        return images, kind_of(where.kind).mix_targets(targets, perm, where)
 
     def _check(self, images: object, labels: object) -> Optional[int]:
         """Validate the batch once; the class count (from num_classes or 2-D labels)."""
-        check_images(images, floating=self.sampler.kind in ("mixup", "cutmix_or_mixup"), dims=(4, 5),
+        check_images(images, floating=kind_of(self.sampler.kind).blends_pixels, dims=(4, 5),
                      why=" for Mixup (it blends pixels)")
         if self.inplace:
             check_writable(images)

@@ -134,10 +134,12 @@ def test_scheduled_step_is_in_state_dict():
     for _ in range(7):
         c(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
     sd = c.state_dict()
-    c2 = featmix.CutMix(4, variant="scheduled", total_steps=10)
+    c2 = featmix.CutMix(4, variant="scheduled", total_steps=10, generator=gen(5))
     assert c2.sampler.step == 0
     c2.load_state_dict(sd)
     assert c2.sampler.step == 7 and c2.sampler.current_prob() == pytest.approx(0.7)
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    assert torch.equal(c(x.clone(), y)[0], c2(x.clone(), y)[0])  # the generator's stream continues too
 
 
 def test_variants_at_input_level():

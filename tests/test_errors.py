@@ -84,8 +84,8 @@ def test_bad_labels():
 def test_wrapper_label_and_image_errors():
     w = featmix.CutMixAt(TinyNet(num_classes=4), layer=2)
     w.train()
-    with pytest.raises(TypeError, match=r"needs labels: call wrapper\(images, labels\)"):
-        w(IMAGES)
+    with pytest.raises(RuntimeError, match=r"called without labels: that forward was not mixed"):
+        w(IMAGES).sum().backward()  # a label-less train forward serves BN recalibration, never training
     with pytest.raises(ValueError, match=r"class indices in \[0, 4\)"):
         w(IMAGES, torch.tensor([0, 1, 2, 9]))
     with pytest.raises(ValueError, match="one entry per image"):

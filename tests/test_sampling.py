@@ -181,8 +181,8 @@ def test_scheduled_prob_ramps_linearly_and_resumes():
     assert abs(last - 0.9) < 4 * math.sqrt(0.1 * 0.9 / 400)
     assert after == 1.0
     state = s.state_dict()
-    assert state == {"step": total + 500}
-    s2 = MixSampler(prob=1.0, variant="scheduled", total_steps=total)
+    assert state["step"] == total + 500 and torch.equal(state["generator"], s.generator.get_state())
+    s2 = MixSampler(prob=1.0, variant="scheduled", total_steps=total, generator=gen(0))
     s2.load_state_dict(state)
     assert s2.current_prob() == 1.0
     s3 = MixSampler(prob=0.5, variant="scheduled", total_steps=100)
@@ -203,7 +203,7 @@ def test_one_hot_and_complete_label_weights():
 
 def test_tensor_placement_is_the_twin_of_the_host_placement():
     """place_tensor (compiled path) gives the same box, lam and weight as place (eager path), every variant."""
-    from featmix.placement import place_tensor
+    from featmix.kinds import place_tensor
     g = torch.Generator().manual_seed(5)
     for variant in featmix.VARIANTS:
         for _ in range(200):
