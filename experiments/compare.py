@@ -8,16 +8,15 @@ method mixes a batch with the recipe's --cutmix-prob, so all of them see the sam
 """
 from __future__ import annotations
 
-import os
-
-if __name__ == "__main__":  # a command, not an import: OpenMP reads this once, as torch loads
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import openmp  # noqa: F401  (sets OMP_WAIT_POLICY: import it before anything that loads torch)
+
+# isort: split
 from . import results, stats, study
 from .engine import Setting
+from .options import StudyOptions
 
 # name -> (row label, paper's ImageNet ResNet-50 top-1 err, paper's CIFAR-100 PyramidNet-200 top-1 err)
 PAPER = {
@@ -30,9 +29,9 @@ PAPER = {
 }
 
 
-def make_settings(opts: dict[str, Any]) -> list[Setting]:
+def make_settings(opts: StudyOptions) -> list[Setting]:
     """The six rows of Table 3, in its order (the baseline first)."""
-    a = opts["alpha"]
+    a = opts.alpha
     return [Setting("baseline"),
             Setting("mixup", layer=0, alpha=a, kind="mixup"),
             Setting("manifold_mixup", layer="random", alpha=a, kind="mixup"),
@@ -70,12 +69,9 @@ def plot(summary: list[dict], out: Path, name: str) -> Path:
     return results.plot_bars(summary, out / "compare.png", f"{name}: final top-1 test error, mean ± std over seeds")
 
 
-OPTIONS: list[study.Option] = []
-
-
 def main(argv: Sequence[str] | None = None) -> Path:
     """`python -m experiments.compare`: run the study (see --help); returns its output directory."""
-    return study.main("compare", __doc__, argv, OPTIONS, make_settings, plot)
+    return study.main("compare", __doc__, argv, make_settings, plot)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments import alpha_sweep, compare, data, depth_ablation, engine, feature_cutmix, results, study, variants
+from experiments import (
+    alpha_sweep,
+    compare,
+    data,
+    depth_ablation,
+    engine,
+    feature_cutmix,
+    options,
+    results,
+    runs,
+    variants,
+)
 from experiments.data import TensorData, balanced_subset, random_crop_flip, read_idx
 from experiments.engine import RunConfig, Setting, lr_factor, train_run
 
@@ -270,12 +281,12 @@ def test_study_smoke(tmp_path, capsys, mod, png, names):
 
 def test_resume_skips_finished_runs(tmp_path, monkeypatch, capsys):
     calls = []
-    real = study.train_run
+    real = runs.train_run
 
     def counting(cfg, setting, seed, *a, **k):
         calls.append((setting.name, seed))
         return real(cfg, setting, seed, *a, **k)
-    monkeypatch.setattr(study, "train_run", counting)
+    monkeypatch.setattr(runs, "train_run", counting)
     args = TINY + ["--out", str(tmp_path), "--layers", "0", "2"]
     depth_ablation.main(args)
     assert len(calls) == 3
@@ -307,12 +318,12 @@ def test_help_documents_options(capsys):
 
 
 def test_recipes_resolve():
-    p = study.build_parser("x", "")
-    opts = study.resolve(p.parse_args(["--recipe", "paper-cifar", "--epochs", "3"]))
-    assert opts["model"] == "pyramidnet200_a240" and opts["dataset"] == "cifar100" and opts["lr"] == 0.25
-    assert opts["batch_size"] == 64 and opts["schedule"] == "step" and opts["epochs"] == 3
-    smoke = study.resolve(p.parse_args(["--smoke"]))
-    assert smoke["epochs"] == 1 and smoke["train_subset"] == 256 and smoke["seeds"] == [0]
+    p = options.build_parser("x", "")
+    opts = options.resolve(p.parse_args(["--recipe", "paper-cifar", "--epochs", "3"]))
+    assert opts.model == "pyramidnet200_a240" and opts.dataset == "cifar100" and opts.lr == 0.25
+    assert opts.batch_size == 64 and opts.schedule == "step" and opts.epochs == 3
+    smoke = options.resolve(p.parse_args(["--smoke"]))
+    assert smoke.epochs == 1 and smoke.train_subset == 256 and smoke.seeds == [0]
 
 
 def _free_port() -> int:

@@ -7,8 +7,7 @@ robustness, in-between-class samples, CAM localisation, out-of-distribution dete
     python -m experiments.evaluation --model resnet50 --weights w.pth --dataset imagefolder:/data/cub
     python -m experiments.evaluation --ckpt runs/x/ckpt/baseline_seed0.pt --dataset synthetic-loc
 
-(`python -m experiments.evaluate` is the same command.) Per checkpoint it writes
-<out>/<checkpoint>/report.json + report.md (+ occlusion.png, inbetween.png); across checkpoints
+Per checkpoint it writes <out>/<checkpoint>/report.json + report.md (+ occlusion.png, inbetween.png); across checkpoints
 <out>/comparison.md, comparison.csv (one row per checkpoint), comparison_by_setting.csv (mean/std over
 seeds) and the plots occlusion.png / inbetween.png, and prints the comparison table. Accuracies,
 AUROC, TNR and ECE are percentages. Each measurement's definition is in its module under
