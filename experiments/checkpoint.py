@@ -5,7 +5,7 @@ The state is everything the next epoch reads: model (weights and BN buffers), SG
 the lr schedule's step, the grad scaler, the mixing sampler's step, and every random stream of every rank
 (data order, augmentation, mixing generator, the global CPU RNG and the device's CUDA RNG), with the
 run log so far (history, best errors, times). Restored into a freshly built run, the remaining epochs
-compute exactly what an uninterrupted run computes (tests/test_long_runs.py checks it bit for bit on CPU).
+compute exactly what an uninterrupted run computes (tests/test_study_runs.py checks it bit for bit on CPU).
 Under DistributedDataParallel rank 0 gathers the per-rank streams, writes, and hands them back on resume.
 """
 from __future__ import annotations

@@ -75,7 +75,7 @@ step pyramidnet_step 40 python -m experiments.bench.compiled --device "$DEVICE" 
   --out "$WORK/pyramidnet_step.json"
 step depth_ablation 80 python -m experiments.depth_ablation --device "$DEVICE" "${data_arg[@]}" \
   "${depth_args[@]}" --no-progress --out "$WORK/depth_ablation"
-# --- study throughput (issue 14): eager / compiled / compiled + --jobs 2 for ResNet-20, baseline + CutMix at the
+# --- study throughput: eager / compiled / compiled + --jobs 2 for ResNet-20, baseline + CutMix at the
 # input, 2 seeds x 2 epochs on 5,120 Fashion-MNIST images (or tiny synthetic data with SMOKE=1, dynamo's eager
 # backend). Table: $WORK/throughput/throughput.md
 throughput_args=()
