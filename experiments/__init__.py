@@ -6,9 +6,9 @@ recipes and the typed `StudyOptions`), `runs` (training the runs one by one or `
 each), `engine` (one training run), `validate` (every option and setting checked before training),
 `checkpoint` (per-epoch state, resume, `--max-minutes`), `fast` (the CUDA defaults and torch.compile), `data`
 (datasets held on the device), `results` (rows, summary, tables and plots), `stats` (paired t-intervals) and
-`cli` (the command-line pieces every tool shares); `throughput` times the studies' fast path. Evaluation of
-checkpoints: `experiments.evaluation` (one module per measurement). Speed benchmarks: `experiments.bench`
-(`mixing`, `step`, `compiled`).
+`cli` (the command-line pieces every tool shares); `throughput` times the studies' fast path; `gallery` draws
+the documentation's pictures. Evaluation of checkpoints: `experiments.evaluation` (one module per
+measurement). Speed benchmarks: `experiments.bench` (`mixing`, `step`, `compiled`).
 
 Importing this package changes nothing in the environment. The study and evaluation commands, run as
 `python -m ...`, wait passively in OpenMP (`experiments.openmp`); the benchmarks keep OpenMP's default, as a
