@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(METRICS)} (default: all that apply; localization "
                         "only applies to datasets with boxes)")
     m.add_argument("--full", action="store_true",
-                   help="the complete occlusion and in-between grids on every test image (slower: see the README)")
+                   help="the complete occlusion and in-between grids on every test image (slower: see docs/studies.md)")
     m.add_argument("--epsilon", type=float, default=8.0, help="FGSM step in pixel units over 255 (8 means 8/255)")
     m.add_argument("--occlusion-steps", type=int, help=_grid_help("occlusion_steps", "occlusion hole sides: this "
                                                                   "many equal steps from 0 to the image side"))
