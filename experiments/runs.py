@@ -38,10 +38,10 @@ class StudyRun:
     opts: StudyOptions
     settings: list[Setting]
     cfg: RunConfig
-    di: DistInfo
+    dist_info: DistInfo
     data: Any
     out: Path
-    chash: str
+    config_hash: str
 
     @property
     def seeds(self) -> list[int]:
@@ -82,7 +82,7 @@ def save_checkpoint(run: StudyRun, setting: Setting, seed: int, metrics: dict[st
     ckpt = {"model_state": state, "model": cfg.model, "model_kwargs": cfg.model_kwargs,
             "num_classes": data.num_classes, "in_chans": data.in_chans, "input_size": data.input_size,
             "dataset": opts.dataset, "mean": data.mean, "std": data.std, "setting": asdict(setting), "seed": seed,
-            "config": opts.as_dict(), "config_hash": run.chash, "metrics": metrics}
+            "config": opts.as_dict(), "config_hash": run.config_hash, "metrics": metrics}
     path = run.out / "ckpt" / f"{setting.name}_seed{seed}.pt"
     save_atomic(ckpt, path)
     return path
@@ -100,7 +100,7 @@ def append_result(run: StudyRun, setting: Setting, seed: int, metrics: dict[str,
            "cutmix_prob": cfg.cutmix_prob if mixes else None,
            "seed": seed, "epochs": cfg.epochs, "train_size": data.num_train, "test_size": data.num_test,
            "batch_size": cfg.batch_size, "lr": cfg.lr, **{k: v for k, v in metrics.items() if k != "history"},
-           "world_size": run.di.world_size, "device": device, "threads": threads, "config_hash": run.chash,
+           "world_size": run.dist_info.world_size, "device": device, "threads": threads, "config_hash": run.config_hash,
            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     results.append_row(run.out, row)
 
@@ -108,7 +108,7 @@ def append_result(run: StudyRun, setting: Setting, seed: int, metrics: dict[str,
 def save_run(run: StudyRun, setting: Setting, seed: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
     """The checkpoint, then its row."""
     save_checkpoint(run, setting, seed, metrics, state)
-    append_result(run, setting, seed, metrics, str(run.di.device), torch.get_num_threads())
+    append_result(run, setting, seed, metrics, str(run.dist_info.device), torch.get_num_threads())
 
 def report_run(i: int, n: int, setting: Setting, seed: int, metrics: dict[str, Any], t_start: float) -> None:
     """One line per finished run: errors, times (compilation apart), throughput, time since the study began."""
@@ -122,16 +122,16 @@ def report_run(i: int, n: int, setting: Setting, seed: int, metrics: dict[str, A
 def run_sequential(run: StudyRun, todo: list[tuple[int, Setting]], deadline: Deadline, progress: bool) -> bool:
     """Train the runs one after the other in this process (every rank under DDP); True if the deadline stopped it."""
     t_start = time.perf_counter()
-    say = print if run.di.is_main else (lambda *a, **k: None)
+    say = print if run.dist_info.is_main else (lambda *a, **k: None)
     for i, (seed, s) in enumerate(todo, 1):
-        if agree(deadline.next_epoch_passes(), run.di):
+        if agree(deadline.next_epoch_passes(), run.dist_info):
             return True
-        keeper = RunKeeper(resume_path(run.out, s, seed), run.chash, s, seed, deadline, say)
-        metrics, state = train_run(run.cfg, s, seed, run.data, run.di, progress, desc=f"{s.name} seed{seed}",
+        keeper = RunKeeper(resume_path(run.out, s, seed), run.config_hash, s, seed, deadline, say)
+        metrics, state = train_run(run.cfg, s, seed, run.data, run.dist_info, progress, desc=f"{s.name} seed{seed}",
                                    keeper=keeper)
         if metrics is None:
             return True
-        if run.di.is_main:
+        if run.dist_info.is_main:
             save_run(run, s, seed, metrics, state)
             keeper.discard()
             report_run(i, len(todo), s, seed, metrics, t_start)
@@ -162,7 +162,7 @@ def _init_worker(spec: dict[str, Any], slots: Any) -> None:
     opts = spec["opts"]
     data = load_study_data(opts, device)
     _WORKER["run"] = StudyRun(spec["study"], opts, [], run_config(opts), DistInfo(0, 1, device), data,
-                              Path(spec["out"]), spec["chash"])
+                              Path(spec["out"]), spec["config_hash"])
     _WORKER["deadline"] = Deadline(spec["deadline_at"])
 
 
@@ -173,21 +173,21 @@ def _train(seed: int, setting: dict[str, Any]) -> dict[str, Any] | None:
     s = Setting(**setting)
     if deadline.next_epoch_passes():
         return None
-    keeper = RunKeeper(resume_path(run.out, s, seed), run.chash, s, seed, deadline)
-    metrics, state = train_run(run.cfg, s, seed, run.data, run.di, keeper=keeper)
+    keeper = RunKeeper(resume_path(run.out, s, seed), run.config_hash, s, seed, deadline)
+    metrics, state = train_run(run.cfg, s, seed, run.data, run.dist_info, keeper=keeper)
     if metrics is None:
         return None
     save_checkpoint(run, s, seed, metrics, state)
     keeper.discard()
-    return {"metrics": metrics, "device": str(run.di.device), "threads": torch.get_num_threads()}
+    return {"metrics": metrics, "device": str(run.dist_info.device), "threads": torch.get_num_threads()}
 
 
 def run_parallel(run: StudyRun, todo: list[tuple[int, Setting]], jobs: int, deadline: Deadline) -> bool:
     """Train `todo` on min(`jobs`, runs) worker processes, each with the threads of a `jobs`-way split (so a
     resumed study's last run computes what it would have alongside the others); the rows are written here
     as runs finish. True if the deadline stopped it."""
-    dev = run.di.device
-    spec = {"study": run.study, "opts": run.opts, "out": str(run.out), "chash": run.chash,
+    dev = run.dist_info.device
+    spec = {"study": run.study, "opts": run.opts, "out": str(run.out), "config_hash": run.config_hash,
             "devices": job_devices(dev.type, dev.index, torch.cuda.device_count() if dev.type == "cuda" else 0),
             "threads": threads_per_job(run.opts.threads, jobs, torch.get_num_threads()),
             "deadline_at": deadline.at}

@@ -66,19 +66,19 @@ def apply_fast_defaults(opts: StudyOptions, device_type: str, world_size: int) -
     opts.compile_mode, opts.compile_backend = speed.compile_mode, speed.compile_backend
 
 
-def _finished(out: Path, chash: str) -> set[tuple[str, int]]:
+def _finished(out: Path, fingerprint: str) -> set[tuple[str, int]]:
     """Runs with a row of this configuration and a checkpoint on disk."""
     return {(r["setting"], r["seed"]) for r in results.load_rows(out)
-            if r.get("config_hash") == chash and (out / "ckpt" / f"{r['setting']}_seed{r['seed']}.pt").exists()}
+            if r.get("config_hash") == fingerprint and (out / "ckpt" / f"{r['setting']}_seed{r['seed']}.pt").exists()}
 
 
-def _check_out_dir(out: Path, study: str, chash: str, opts: StudyOptions) -> None:
+def _check_out_dir(out: Path, study: str, fingerprint: str, opts: StudyOptions) -> None:
     """Refuse to mix two configurations in one output directory (resume needs like with like)."""
     cfg_path = out / "config.json"
     if not cfg_path.exists():
         return
     old = json.loads(cfg_path.read_text())
-    if old.get("config_hash") != chash:
+    if old.get("config_hash") != fingerprint:
         new = json.loads(json.dumps(measured_options(study, opts), default=str))
         was = old.get("measured", {})
         diff = {k: (was.get(k), v) for k, v in new.items() if was.get(k) != v}
@@ -96,31 +96,32 @@ def prepare(study: str, opts: StudyOptions, make_settings: SettingsMaker, flags:
         raise UsageError(f"--jobs {opts.jobs}: not under torchrun (WORLD_SIZE={world}): DDP already spreads one "
                          "run over the processes; use --jobs without torchrun, or torchrun without --jobs")
     set_threads(opts.threads)
-    di = init_distributed(opts.device) if opts.jobs == 1 else DistInfo(0, 1, device_of(opts.device))
-    apply_fast_defaults(opts, di.device.type, di.world_size)
-    if opts.batch_size % di.world_size:
-        raise UsageError(f"--batch-size {opts.batch_size}: must be divisible by the {di.world_size} processes")
+    dist_info = init_distributed(opts.device) if opts.jobs == 1 else DistInfo(0, 1, device_of(opts.device))
+    apply_fast_defaults(opts, dist_info.device.type, dist_info.world_size)
+    if opts.batch_size % dist_info.world_size:
+        raise UsageError(f"--batch-size {opts.batch_size}: must be divisible by the {dist_info.world_size} processes")
     out = Path(opts.out or f"runs/{study}{'-smoke' if opts.smoke else ''}")
-    chash = config_hash(study, opts)
-    _check_out_dir(out, study, chash, opts)  # on every rank, so that all of them stop
-    data = load_study_data(opts, di.device if opts.jobs == 1 else torch.device("cpu"))
+    fingerprint = config_hash(study, opts)
+    _check_out_dir(out, study, fingerprint, opts)  # on every rank, so that all of them stop
+    data = load_study_data(opts, dist_info.device if opts.jobs == 1 else torch.device("cpu"))
     settings = list(make_settings(opts))
     check_settings(opts, settings, data.num_classes, data.in_chans, flags)
-    return StudyRun(study, opts, settings, run_config(opts), di, data, out, chash)
+    return StudyRun(study, opts, settings, run_config(opts), dist_info, data, out, fingerprint)
 
 
 def runs_to_do(run: StudyRun) -> list[tuple[int, Setting]]:
     """(seed, setting) not finished yet, seed-major; rank 0 writes config.json and tells the other ranks."""
     done: list[Any] = [None]
-    if run.di.is_main:
+    if run.dist_info.is_main:
         (run.out / "ckpt").mkdir(parents=True, exist_ok=True)
-        config = {"study": run.study, "config_hash": run.chash, "measured": measured_options(run.study, run.opts),
-                  "options": run.opts.as_dict(), "settings": [asdict(s) for s in run.settings],
-                  "train_size": run.data.num_train, "test_size": run.data.num_test, "world_size": run.di.world_size,
-                  "device": str(run.di.device), "torch": torch.__version__, "argv": sys.argv}
+        config = {"study": run.study, "config_hash": run.config_hash,
+                  "measured": measured_options(run.study, run.opts), "options": run.opts.as_dict(),
+                  "settings": [asdict(s) for s in run.settings], "train_size": run.data.num_train,
+                  "test_size": run.data.num_test, "world_size": run.dist_info.world_size,
+                  "device": str(run.dist_info.device), "torch": torch.__version__, "argv": sys.argv}
         (run.out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-        done[0] = _finished(run.out, run.chash)
-    if run.di.world_size > 1:
+        done[0] = _finished(run.out, run.config_hash)
+    if run.dist_info.world_size > 1:
         dist.broadcast_object_list(done, src=0)
     return [(seed, s) for seed in run.seeds for s in run.settings if (s.name, seed) not in done[0]]
 
@@ -129,7 +130,7 @@ def summarise(run: StudyRun, plot: Plotter | None) -> None:
     """Write summary.md (and the plot) from this configuration's rows; print the table and the paths."""
     cfg, opts, data = run.cfg, run.opts, run.data
     names = [s.name for s in run.settings]
-    rows = [r for r in results.load_rows(run.out) if r.get("config_hash") == run.chash
+    rows = [r for r in results.load_rows(run.out) if r.get("config_hash") == run.config_hash
             and r["setting"] in names and r["seed"] in run.seeds]
     if not rows:
         return
@@ -137,7 +138,7 @@ def summarise(run: StudyRun, plot: Plotter | None) -> None:
     header = (f"# {run.study}\n\n{opts.model} on {opts.dataset} ({data.num_train} training images, "
               f"{data.num_test} test images), {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr} "
               f"({cfg.schedule}), wd {cfg.wd}, cutmix_prob {cfg.cutmix_prob}, seeds {run.seeds}, "
-              f"recipe {opts.recipe}{' (smoke)' if opts.smoke else ''}; config {run.chash}.")
+              f"recipe {opts.recipe}{' (smoke)' if opts.smoke else ''}; config {run.config_hash}.")
     summary = results.write_summary(run.out, stats, header)
     print("\n" + results.markdown_table(stats) + f"\n\nsummary: {summary}")
     fig = plot(stats, run.out, run.study) if plot is not None else None
@@ -158,20 +159,21 @@ def run_study(study: str, opts: StudyOptions, make_settings: SettingsMaker, plot
     todo = runs_to_do(run)
     progress = not opts.no_progress and sys.stderr.isatty()
     jobs = opts.jobs
-    if run.di.is_main:
+    if run.dist_info.is_main:
         speed = ", ".join(k for k in ("amp", "channels_last", "compile") if getattr(opts, k)) or "eager fp32"
         print(f"{study}: {len(run.settings)} settings x {len(run.seeds)} seeds on {opts.dataset} "
               f"({run.data.num_train} train / {run.data.num_test} test images), {opts.model}, "
-              f"{run.cfg.epochs} epochs, device {run.di.device} x{run.di.world_size} ({speed}), {jobs} job(s); "
+              f"{run.cfg.epochs} epochs, device {run.dist_info.device} x{run.dist_info.world_size} ({speed}), "
+              f"{jobs} job(s); "
               f"{len(todo)} runs to do, {len(run.settings) * len(run.seeds) - len(todo)} already finished in "
               f"{run.out}", flush=True)
     if jobs > 1 and todo:  # even for one run: its threads are those of the N-way split, as for the others
         stopped = runs.run_parallel(run, todo, jobs, deadline)
     else:
         stopped = runs.run_sequential(run, todo, deadline, progress)
-    if run.di.is_main:
+    if run.dist_info.is_main:
         summarise(run, plot)
-    if run.di.world_size > 1:
+    if run.dist_info.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
     if stopped:
