@@ -171,8 +171,8 @@ class StudyOptions:
     debug: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        """The options as plain data (config.json, checkpoints)."""
-        return asdict(self)
+        """The options that are set, as plain data (config.json, checkpoints)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def study_option(flag: str, default: Any, **argparse_kwargs: Any) -> Any:
