@@ -82,6 +82,20 @@ def test_default_cpu_study_keeps_its_configuration_hash():
     assert options.config_hash("depth_ablation", opts) == "57c6db671a44"
 
 
+def test_options_are_typed_per_study():
+    """A study's own options are fields of its StudyOptions subclass, parsed from its flags; an option the
+    dataclass lacks is an error, not a silently dropped value."""
+    p = options.study_parser("alpha_sweep", "", alpha_sweep.AlphaOptions)
+    opts = options.resolve(p.parse_args(["--alphas", "0.5", "2", "--layer", "3", "--epochs", "7"]),
+                           alpha_sweep.AlphaOptions)
+    assert type(opts) is alpha_sweep.AlphaOptions and isinstance(opts, options.StudyOptions)
+    assert (opts.alphas, opts.layer, opts.epochs, opts.model) == ([0.5, 2.0], 3, 7, "resnet8_cifar")
+    assert [s.name for s in alpha_sweep.make_settings(opts)] == ["baseline", "alpha0.5", "alpha2"]
+    assert options.resolve(p.parse_args([]), alpha_sweep.AlphaOptions).alphas == [0.1, 0.25, 0.5, 1.0, 2.0, 4.0]
+    with pytest.raises(TypeError, match="no field for the options.*alphas"):
+        options.resolve(p.parse_args([]), options.StudyOptions)
+
+
 def test_jobs_placement():
     assert runs.job_devices("cuda", None, 4) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
     assert runs.job_devices("cuda", 2, 4) == ["cuda:2"]  # an explicit GPU: every job on it
