@@ -178,12 +178,10 @@ def plot_kinds(images: torch.Tensor, rows: list[tuple[str, torch.Tensor]], path:
     plt = pyplot()
     n = images.shape[0]
     fig, axes = plt.subplots(len(rows) + 1, n, figsize=(1.1 * n, 1.2 * (len(rows) + 1)), dpi=dpi, squeeze=False)
-    for ax, (name, batch) in zip(axes[:, 0], [("original", images)] + rows):
-        ax.set_ylabel(name, fontsize=7)
-    for r, batch in enumerate([images] + [b for _, b in rows]):
+    for r, (name, batch) in enumerate([("original", images)] + rows):
         for i in range(n):
             _image_axis(axes[r][i], batch[i])
-            axes[r][i].set_ylabel(axes[r][i].get_ylabel(), fontsize=7)
+        axes[r][0].set_ylabel(name, fontsize=7)
     fig.suptitle("One batch, four kinds at the input (batch mode shares one box; elem draws one per sample)",
                  fontsize=8)
     return _save(fig, path)
