@@ -275,14 +275,20 @@ def test_csv_keeps_an_older_header(tmp_path):
     assert (tmp_path / "results.csv").read_text().splitlines() == ["study,setting,seed", "s,a,0"]
 
 
-def test_importing_the_experiments_changes_no_environment():
-    code = ("import os; before = dict(os.environ); import experiments, experiments.study, experiments.depth_ablation, "
-            "experiments.alpha_sweep, experiments.variants, experiments.feature_cutmix, experiments.throughput, "
-            "experiments.evaluation.command; assert dict(os.environ) == before, set(os.environ) ^ set(before)")
+def _python_without_omp_policy(code: str) -> str:
+    """Run `python -c code` from the repository root with OMP_WAIT_POLICY unset; its stdout."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_importing_the_experiments_changes_no_environment():
+    _python_without_omp_policy(
+        "import os; before = dict(os.environ); import experiments, experiments.study, experiments.depth_ablation, "
+        "experiments.alpha_sweep, experiments.variants, experiments.feature_cutmix, experiments.throughput, "
+        "experiments.evaluation.command; assert dict(os.environ) == before, set(os.environ) ^ set(before)")
 
 
 @pytest.mark.parametrize("module,policy", [("experiments.depth_ablation", "PASSIVE"),
@@ -298,15 +304,11 @@ def test_commands_wait_passively_before_torch_loads(module, policy):
             "    if name == 'torch' and 'torch' not in seen: seen['torch'] = os.environ.get('OMP_WAIT_POLICY')\n"
             "    return real(name, *a, **k)\n"
             "builtins.__import__ = spy\n"
-            f"sys.argv = ['x', '--help']\n"
+            "sys.argv = ['x', '--help']\n"
             f"try: runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
             "except SystemExit: pass\n"
             "print(repr(seen.get('torch', 'not imported')))")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.splitlines()[-1] == repr(policy)
+    assert _python_without_omp_policy(code).splitlines()[-1] == repr(policy)
 
 
 def test_throughput_measures_the_three_configurations_of_one_study():
