@@ -3,21 +3,30 @@ layer index, against the baseline without CutMix, over paired seeds.
 """
 from __future__ import annotations
 
-import os
-
-if __name__ == "__main__":  # a command, not an import: OpenMP reads this once, as torch loads
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
+from . import openmp  # noqa: F401  (sets OMP_WAIT_POLICY: import it before anything that loads torch)
+
+# isort: split
 from . import results, study
 from .engine import Setting
+from .options import StudyOptions, study_option
 
 
-def make_settings(opts: dict[str, Any]) -> list[Setting]:
+@dataclass
+class AlphaOptions(StudyOptions):
+    """The shared options, the alphas to sweep and the layer to mix at."""
+
+    alphas: list[float] = study_option("--alphas", [0.1, 0.25, 0.5, 1.0, 2.0, 4.0], type=float, nargs="+",
+                                       help="values of alpha to sweep")
+    layer: int = study_option("--layer", 0, type=int, help="layer index to mix at (0 = input)")
+
+
+def make_settings(opts: AlphaOptions) -> list[Setting]:
     """The baseline, then CutMix at --layer for each alpha of --alphas."""
-    return [Setting("baseline")] + [Setting(f"alpha{a:g}", layer=opts["layer"], alpha=a) for a in opts["alphas"]]
+    return [Setting("baseline")] + [Setting(f"alpha{a:g}", layer=opts.layer, alpha=a) for a in opts.alphas]
 
 
 def plot(stats: list[dict], out: Path, name: str) -> Path:
@@ -26,15 +35,9 @@ def plot(stats: list[dict], out: Path, name: str) -> Path:
                               f"{name}: final top-1 test error, mean ± std over seeds", log_x=True)
 
 
-OPTIONS: list[study.Option] = [
-    ("--alphas", dict(type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0, 2.0, 4.0], help="values of alpha to sweep")),
-    ("--layer", dict(type=int, default=0, help="layer index to mix at (0 = input)")),
-]
-
-
 def main(argv: Sequence[str] | None = None) -> Path:
     """`python -m experiments.alpha_sweep`: run the study (see --help); returns its output directory."""
-    return study.main("alpha_sweep", __doc__, argv, OPTIONS, make_settings, plot,
+    return study.main("alpha_sweep", __doc__, argv, make_settings, plot, AlphaOptions,
                       flags={"layer": "--layer", "alpha": "--alphas"})
 
 

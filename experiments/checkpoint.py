@@ -5,7 +5,7 @@ The state is everything the next epoch reads: model (weights and BN buffers), SG
 the lr schedule's step, the grad scaler, the mixing sampler's step, and every random stream of every rank
 (data order, augmentation, mixing generator, the global CPU RNG and the device's CUDA RNG), with the
 run log so far (history, best errors, times). Restored into a freshly built run, the remaining epochs
-compute exactly what an uninterrupted run computes (tests/test_long_runs.py checks it bit for bit on CPU).
+compute exactly what an uninterrupted run computes (tests/test_study_runs.py checks it bit for bit on CPU).
 Under DistributedDataParallel rank 0 gathers the per-rank streams, writes, and hands them back on resume.
 """
 from __future__ import annotations
@@ -32,9 +32,9 @@ def save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def agree(decision: bool, di: DistInfo) -> bool:
+def agree(decision: bool, dist_info: DistInfo) -> bool:
     """Rank 0's `decision`, on every rank (so that all of them stop at the same epoch)."""
-    if di.world_size == 1:
+    if dist_info.world_size == 1:
         return decision
     box = [decision]
     dist.broadcast_object_list(box, src=0)
@@ -73,14 +73,14 @@ class Deadline:
 
 def run_state(run: Run) -> dict[str, Any] | None:
     """The run's whole state after its latest epoch (a collective under DDP); None on ranks other than 0."""
-    streams = run.streams.state_dict(run.di.device)
+    streams = run.streams.state_dict(run.dist_info.device)
     ranks = [streams]
-    if run.di.world_size > 1:
-        ranks = [None] * run.di.world_size if run.di.is_main else None
+    if run.dist_info.world_size > 1:
+        ranks = [None] * run.dist_info.world_size if run.dist_info.is_main else None
         dist.gather_object(streams, ranks, dst=0)
-    if not run.di.is_main:
+    if not run.dist_info.is_main:
         return None
-    return {"format": FORMAT, "epoch": run.epoch, "world_size": run.di.world_size,
+    return {"format": FORMAT, "epoch": run.epoch, "world_size": run.dist_info.world_size,
             "model": run.model.state_dict(), "optimizer": run.optim.opt.state_dict(),
             "scheduler": run.optim.schedule.state_dict(), "scaler": run.optim.scaler.state_dict(),
             "sampler": run.nets.sampler.state_dict() if run.nets.sampler is not None else None,
@@ -95,7 +95,7 @@ def load_run_state(run: Run, state: dict[str, Any]) -> None:
     run.optim.scaler.load_state_dict(state["scaler"])
     if run.nets.sampler is not None:
         run.nets.sampler.load_state_dict(state["sampler"])
-    run.streams.load_state_dict(state["ranks"][run.di.rank], run.di.device)
+    run.streams.load_state_dict(state["ranks"][run.dist_info.rank], run.dist_info.device)
     run.log = RunLog(**state["log"])
     run.clock.load_state_dict(state["clock"])
     run.epoch = state["epoch"]
@@ -105,10 +105,10 @@ def load_run_state(run: Run, state: dict[str, Any]) -> None:
 class RunKeeper:
     """Saves a run after every epoch to `path`, resumes it from there, and stops it at the `deadline`."""
 
-    def __init__(self, path: Path, chash: str, setting: Setting, seed: int, deadline: Deadline | None = None,
+    def __init__(self, path: Path, config_hash: str, setting: Setting, seed: int, deadline: Deadline | None = None,
                  say: Any = print) -> None:
         self.path, self.deadline, self.say = Path(path), deadline or Deadline(), say
-        self.identity = {"config_hash": chash, "setting": dataclasses.asdict(setting), "seed": seed}
+        self.identity = {"config_hash": config_hash, "setting": dataclasses.asdict(setting), "seed": seed}
 
     def _load(self, run: Run) -> dict[str, Any] | None:
         """The saved state if it belongs to this run (same configuration, setting, seed, world size), else None."""
@@ -118,20 +118,20 @@ class RunKeeper:
         if saved.get("identity") != self.identity or saved.get("format") != FORMAT:
             self.say(f"{self.path}: saved by another configuration or version; starting this run afresh")
             return None
-        if saved["world_size"] != run.di.world_size or saved["epoch"] >= run.cfg.epochs:
+        if saved["world_size"] != run.dist_info.world_size or saved["epoch"] >= run.cfg.epochs:
             self.say(f"{self.path}: saved with {saved['world_size']} processes at epoch {saved['epoch']}; this run "
-                     f"has {run.di.world_size} and {run.cfg.epochs} epochs: starting it afresh")
+                     f"has {run.dist_info.world_size} and {run.cfg.epochs} epochs: starting it afresh")
             return None
         return saved
 
     def restore(self, run: Run) -> None:
         """Load the saved state into `run` if there is one for it (rank 0 reads, then shares it)."""
-        box = [self._load(run) if run.di.is_main else None]
-        if run.di.world_size > 1:
+        box = [self._load(run) if run.dist_info.is_main else None]
+        if run.dist_info.world_size > 1:
             dist.broadcast_object_list(box, src=0)
         if box[0] is not None:
             load_run_state(run, box[0])
-            if run.di.is_main:
+            if run.dist_info.is_main:
                 self.say(f"resuming {run.setting.name} seed {run.seed} after epoch {run.epoch} from {self.path}")
 
     def save(self, run: Run) -> None:
@@ -144,7 +144,7 @@ class RunKeeper:
     def should_stop(self, run: Run, epoch_seconds: float) -> bool:
         """Stop when another epoch as long as the last one would end past the deadline (rank 0 decides)."""
         self.deadline.epoch_done(epoch_seconds)
-        return agree(self.deadline.next_epoch_passes(), run.di)
+        return agree(self.deadline.next_epoch_passes(), run.dist_info)
 
     def discard(self) -> None:
         """The run is finished and its checkpoint written: the resume state is no longer needed."""

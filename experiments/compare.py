@@ -8,16 +8,15 @@ method mixes a batch with the recipe's --cutmix-prob, so all of them see the sam
 """
 from __future__ import annotations
 
-import os
-
-if __name__ == "__main__":  # a command, not an import: OpenMP reads this once, as torch loads
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import results, study
+from . import openmp  # noqa: F401  (sets OMP_WAIT_POLICY: import it before anything that loads torch)
+
+# isort: split
+from . import results, stats, study
 from .engine import Setting
+from .options import StudyOptions
 
 # name -> (row label, paper's ImageNet ResNet-50 top-1 err, paper's CIFAR-100 PyramidNet-200 top-1 err)
 PAPER = {
@@ -30,9 +29,9 @@ PAPER = {
 }
 
 
-def make_settings(opts: dict[str, Any]) -> list[Setting]:
+def make_settings(opts: StudyOptions) -> list[Setting]:
     """The six rows of Table 3, in its order (the baseline first)."""
-    a = opts["alpha"]
+    a = opts.alpha
     return [Setting("baseline"),
             Setting("mixup", layer=0, alpha=a, kind="mixup"),
             Setting("manifold_mixup", layer="random", alpha=a, kind="mixup"),
@@ -41,37 +40,38 @@ def make_settings(opts: dict[str, Any]) -> list[Setting]:
             Setting("cutmix", layer=0, alpha=a)]
 
 
-def paper_table(stats: Sequence[dict[str, Any]]) -> str:
+def paper_table(summary: Sequence[dict[str, Any]]) -> str:
     """Table 3's layout: one row per method, our paired result beside the paper's two columns."""
-    lines = ["| method | ours: final top-1 err | Δ vs baseline (paired) | lower than baseline | "
-             "paper: ImageNet ResNet-50 top-1 err | paper: CIFAR-100 PyramidNet-200 top-1 err |",
-             "|---|---|---|---|---|---|"]
-    for s in stats:
+    lines = [f"| method | ours: final top-1 err | Δ vs baseline (paired) | {stats.INTERVAL_TITLE} | "
+             f"{stats.EXCLUDES_TITLE} | lower than baseline | paper: ImageNet ResNet-50 top-1 err | "
+             "paper: CIFAR-100 PyramidNet-200 top-1 err |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summary:
         label, imagenet, cifar = PAPER[s["setting"]]
         base = s["setting"] == "baseline"
         delta = "(reference)" if base else results.fmt_mean_std(s["diff_final_top1_err"], sign=True)
+        interval = "" if base else stats.format_interval(s["interval"])
+        excludes = "" if base else stats.format_excludes(s["interval"])
         wins = "" if base else f"{s['wins']}/{s['n_pairs']}"
-        lines.append(f"| {label} | {results.fmt_mean_std(s['final_top1_err'])} | {delta} | {wins} | "
-                     f"{imagenet:.2f} | {'–' if cifar is None else f'{cifar:.2f}'} |")
+        lines.append(f"| {label} | {results.fmt_mean_std(s['final_top1_err'])} | {delta} | {interval} | {excludes} | "
+                     f"{wins} | {imagenet:.2f} | {'–' if cifar is None else f'{cifar:.2f}'} |")
     return "\n".join(lines)
 
 
-def plot(stats: list[dict], out: Path, name: str) -> Path:
+def plot(summary: list[dict], out: Path, name: str) -> Path:
     """compare.png (one bar per method) and table3.md (the paper's layout with its numbers beside ours)."""
     note = ("The paper's columns are its published numbers at its scale (ImageNet ResNet-50, 300 epochs; "
             "CIFAR-100 PyramidNet-200, best of training, mean of 3 runs); ours come from this study's setup "
-            "(see summary.md), so compare the ordering, not the values. Errors in %, mean ± std over seeds.")
-    (out / "table3.md").write_text(f"# {name}: the paper's Table 3 rows\n\n{paper_table(stats)}\n\n{note}\n")
+            "(see summary.md), so compare the ordering, not the values. Errors in %, mean ± std over seeds. "
+            + results.INTERVAL_NOTE)
+    (out / "table3.md").write_text(f"# {name}: the paper's Table 3 rows\n\n{paper_table(summary)}\n\n{note}\n")
     print(f"table: {out / 'table3.md'}")
-    return results.plot_bars(stats, out / "compare.png", f"{name}: final top-1 test error, mean ± std over seeds")
-
-
-OPTIONS: list[study.Option] = []
+    return results.plot_bars(summary, out / "compare.png", f"{name}: final top-1 test error, mean ± std over seeds")
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """`python -m experiments.compare`: run the study (see --help); returns its output directory."""
-    return study.main("compare", __doc__, argv, OPTIONS, make_settings, plot)
+    return study.main("compare", __doc__, argv, make_settings, plot)
 
 
 if __name__ == "__main__":

@@ -7,21 +7,29 @@ With no arguments: the fast CPU recipe (ResNet-8 on a fixed 1,000-image Fashion-
 """
 from __future__ import annotations
 
-import os
-
-if __name__ == "__main__":  # a command, not an import: OpenMP reads this once, as torch loads
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
+from . import openmp  # noqa: F401  (sets OMP_WAIT_POLICY: import it before anything that loads torch)
+
+# isort: split
 from . import results, study
 from .engine import Setting
+from .options import StudyOptions, study_option
 
 
-def make_settings(opts: dict[str, Any]) -> list[Setting]:
+@dataclass
+class DepthOptions(StudyOptions):
+    """The shared options and the layer indices to mix at."""
+
+    layers: list[int] = study_option("--layers", [0, 1, 2, 3, 4], type=int, nargs="+",
+                                     help="layer indices to mix at (0 = input)")
+
+
+def make_settings(opts: DepthOptions) -> list[Setting]:
     """The baseline, then CutMix at each layer index of --layers."""
-    return [Setting("baseline")] + [Setting(f"layer{i}", layer=i, alpha=opts["alpha"]) for i in opts["layers"]]
+    return [Setting("baseline")] + [Setting(f"layer{i}", layer=i, alpha=opts.alpha) for i in opts.layers]
 
 
 def plot(stats: list[dict], out: Path, name: str) -> Path:
@@ -30,14 +38,9 @@ def plot(stats: list[dict], out: Path, name: str) -> Path:
                               f"{name}: final top-1 test error, mean ± std over seeds")
 
 
-OPTIONS: list[study.Option] = [
-    ("--layers", dict(type=int, nargs="+", default=[0, 1, 2, 3, 4], help="layer indices to mix at (0 = input)")),
-]
-
-
 def main(argv: Sequence[str] | None = None) -> Path:
     """`python -m experiments.depth_ablation`: run the study (see --help); returns its output directory."""
-    return study.main("depth_ablation", __doc__, argv, OPTIONS, make_settings, plot,
+    return study.main("depth_ablation", __doc__, argv, make_settings, plot, DepthOptions,
                       flags={"layer": "--layers"})
 
 

@@ -143,24 +143,24 @@ def autocast_ctx(cfg: RunConfig, device: torch.device) -> contextlib.AbstractCon
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, data: TensorData | FolderData, cfg: RunConfig, di: DistInfo,
+def evaluate(net: nn.Module, data: TensorData | FolderData, cfg: RunConfig, dist_info: DistInfo,
              clock: CompileClock | None = None) -> tuple[float, float]:
     """Top-1 and top-5 error (%) on the (sharded) test set; counts are summed over ranks."""
     net.eval()
     k = min(5, data.num_classes)
-    counts = torch.zeros(3, dtype=torch.float64, device=di.device)  # correct@1, correct@k, n
+    counts = torch.zeros(3, dtype=torch.float64, device=dist_info.device)  # correct@1, correct@k, n
     mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
     clock = clock or CompileClock(False)
-    for x, y in data.test_batches(cfg.eval_batch_size, di.rank, di.world_size):
+    for x, y in data.test_batches(cfg.eval_batch_size, dist_info.rank, dist_info.world_size):
         mark_step(cfg.cuda_graphs)
-        with clock.call(), autocast_ctx(cfg, di.device):
+        with clock.call(), autocast_ctx(cfg, dist_info.device):
             logits = net(x.contiguous(memory_format=mf))
         top = logits.topk(k, dim=1).indices
         hit = top == y[:, None]
         counts[0] += hit[:, 0].sum()
         counts[1] += hit.any(1).sum()
         counts[2] += y.numel()
-    if di.world_size > 1:
+    if dist_info.world_size > 1:
         dist.all_reduce(counts)
     c1, ck, n = counts.tolist()
     net.train()
@@ -212,7 +212,7 @@ class Nets:
 
 
 def build_nets(cfg: RunConfig, setting: Setting, model: nn.Module, num_classes: int, mix_gen: torch.Generator,
-               total_steps: int, di: DistInfo) -> Nets:
+               total_steps: int, dist_info: DistInfo) -> Nets:
     """Wrap `model` for `setting` (CutMixAt when it mixes), move it to the device, add DDP and torch.compile."""
     core: nn.Module = model
     if setting.mixes:
@@ -221,12 +221,12 @@ def build_nets(cfg: RunConfig, setting: Setting, model: nn.Module, num_classes: 
                                 label_smoothing=cfg.label_smoothing, generator=mix_gen,
                                 total_steps=total_steps if setting.variant == "scheduled" else None)
     mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    core = core.to(di.device, memory_format=mf)
+    core = core.to(dist_info.device, memory_format=mf)
     sampler = core.sampler if setting.mixes else None
     train_net: nn.Module = core
-    if di.world_size > 1:
+    if dist_info.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        train_net = DDP(core, device_ids=[di.device.index] if di.device.type == "cuda" else None)
+        train_net = DDP(core, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None)
     if cfg.compile:
         return Nets(compile_module(train_net, cfg.compile_mode, cfg.compile_backend),
                     compile_module(core, cfg.compile_mode, cfg.compile_backend), mf, sampler)
@@ -261,7 +261,7 @@ def build_optimisation(cfg: RunConfig, model: nn.Module, total_steps: int, steps
 
 
 def train_epoch(cfg: RunConfig, setting: Setting, nets: Nets, optim: Optimisation, data: TensorData | FolderData,
-                per_rank_batch: int, streams: Streams, di: DistInfo,
+                per_rank_batch: int, streams: Streams, dist_info: DistInfo,
                 clock: CompileClock | None = None) -> dict[str, Any]:
     """One epoch of training -> {'train_loss', 'train_acc' (%), 'n', 'seconds'} summed over ranks; the time and
     images of steps that compiled go to `clock`, not into 'seconds'."""
@@ -269,12 +269,12 @@ def train_epoch(cfg: RunConfig, setting: Setting, nets: Nets, optim: Optimisatio
     clock = clock or CompileClock(False)
     compiled_before = clock.seconds
     ls = 0.0 if setting.mixes else cfg.label_smoothing  # CutMixAt smooths its own targets
-    sums = torch.zeros(3, dtype=torch.float64, device=di.device)  # loss * n, correct, n
-    for x, y in data.train_batches(per_rank_batch, streams.order, streams.aug, di.rank, di.world_size):
+    sums = torch.zeros(3, dtype=torch.float64, device=dist_info.device)  # loss * n, correct, n
+    for x, y in data.train_batches(per_rank_batch, streams.order, streams.aug, dist_info.rank, dist_info.world_size):
         x = x.contiguous(memory_format=nets.memory_format)
         mark_step(cfg.cuda_graphs)
-        with clock.call(y.shape[0] * di.world_size):
-            with autocast_ctx(cfg, di.device):
+        with clock.call(y.shape[0] * dist_info.world_size):
+            with autocast_ctx(cfg, dist_info.device):
                 logits, targets = nets.train(x, y) if setting.mixes else (nets.train(x), y)
                 loss = F.cross_entropy(logits.float(), targets, label_smoothing=ls)
             optim.step(loss)
@@ -282,7 +282,7 @@ def train_epoch(cfg: RunConfig, setting: Setting, nets: Nets, optim: Optimisatio
             sums[0] += loss.detach().double() * y.shape[0]
             sums[1] += (logits.argmax(1) == y).sum()
             sums[2] += y.shape[0]
-    if di.world_size > 1:
+    if dist_info.world_size > 1:
         dist.all_reduce(sums)
     loss_sum, correct, n_seen = sums.tolist()  # one device sync per epoch
     return {"train_loss": loss_sum / n_seen, "train_acc": 100 * correct / n_seen, "n": int(n_seen),
@@ -329,7 +329,7 @@ class Run:
     setting: Setting
     seed: int
     data: TensorData | FolderData
-    di: DistInfo
+    dist_info: DistInfo
     model: nn.Module
     streams: Streams
     nets: Nets
@@ -345,29 +345,29 @@ class Run:
         return self.epoch >= self.cfg.epochs
 
 
-def start_run(cfg: RunConfig, setting: Setting, seed: int, data: TensorData | FolderData, di: DistInfo) -> Run:
+def start_run(cfg: RunConfig, setting: Setting, seed: int, data: TensorData | FolderData, dist_info: DistInfo) -> Run:
     """Build a run at epoch 0: seeded model, streams, (wrapped, compiled) nets, SGD and its schedule."""
-    per_rank_batch = cfg.batch_size // di.world_size
-    if per_rank_batch * di.world_size != cfg.batch_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the world size {di.world_size}")
+    per_rank_batch = cfg.batch_size // dist_info.world_size
+    if per_rank_batch * dist_info.world_size != cfg.batch_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the world size {dist_info.world_size}")
     model = build_model(cfg, data.num_classes, data.in_chans, seed)
-    streams = Streams.seeded(seed, di.rank)
-    steps_per_epoch = math.ceil((data.num_train // di.world_size) / per_rank_batch)
+    streams = Streams.seeded(seed, dist_info.rank)
+    steps_per_epoch = math.ceil((data.num_train // dist_info.world_size) / per_rank_batch)
     total_steps = steps_per_epoch * cfg.epochs
-    nets = build_nets(cfg, setting, model, data.num_classes, streams.mix, total_steps, di)
-    optim = build_optimisation(cfg, model, total_steps, steps_per_epoch, di.device)
+    nets = build_nets(cfg, setting, model, data.num_classes, streams.mix, total_steps, dist_info)
+    optim = build_optimisation(cfg, model, total_steps, steps_per_epoch, dist_info.device)
     nets.train.train()
-    return Run(cfg, setting, seed, data, di, model, streams, nets, optim, per_rank_batch,
+    return Run(cfg, setting, seed, data, dist_info, model, streams, nets, optim, per_rank_batch,
                clock=CompileClock(cfg.compile))
 
 
 def _evaluate_now(run: Run) -> dict[str, float]:
     t1 = time.perf_counter()
     compiled_before = run.clock.seconds
-    if run.di.world_size > 1:  # evaluate rank 0's BN statistics on every shard
+    if run.dist_info.world_size > 1:  # evaluate rank 0's BN statistics on every shard
         for b in run.model.buffers():
             dist.broadcast(b, 0)
-    top1, top5 = evaluate(run.nets.eval, run.data, run.cfg, run.di, run.clock)
+    top1, top5 = evaluate(run.nets.eval, run.data, run.cfg, run.dist_info, run.clock)
     run.log.evaluated(run.epoch, top1, top5, time.perf_counter() - t1 - (run.clock.seconds - compiled_before))
     return {"top1_err": top1, "top5_err": top5}
 
@@ -375,7 +375,7 @@ def _evaluate_now(run: Run) -> dict[str, float]:
 def run_epoch(run: Run) -> dict[str, Any]:
     """Train the next epoch (and evaluate when due); returns the epoch's record (with 'seconds' of training)."""
     cfg = run.cfg
-    rec = train_epoch(cfg, run.setting, run.nets, run.optim, run.data, run.per_rank_batch, run.streams, run.di,
+    rec = train_epoch(cfg, run.setting, run.nets, run.optim, run.data, run.per_rank_batch, run.streams, run.dist_info,
                       run.clock)
     run.epoch += 1
     run.log.train_time += rec["seconds"]
@@ -404,14 +404,14 @@ class Keeper(Protocol):
 
 
 def train_run(cfg: RunConfig, setting: Setting, seed: int, data: TensorData | FolderData,
-              di: DistInfo | None = None, progress: bool = False, desc: str = "",
+              dist_info: DistInfo | None = None, progress: bool = False, desc: str = "",
               keeper: Keeper | None = None) -> tuple[dict | None, dict | None]:
     """Train one run -> (metrics: errors in %, times in s, per-epoch history; the model's state_dict), or
     (None, None) when `keeper` stopped it at an epoch boundary (its state saved for the same call to resume)."""
-    run = start_run(cfg, setting, seed, data, di or DistInfo())
+    run = start_run(cfg, setting, seed, data, dist_info or DistInfo())
     if keeper is not None:
         keeper.restore(run)
-    bar = _progress_bar(cfg.epochs, run.epoch, desc) if progress and run.di.is_main else None
+    bar = _progress_bar(cfg.epochs, run.epoch, desc) if progress and run.dist_info.is_main else None
     while not run.done:
         t0 = time.perf_counter()
         rec = run_epoch(run)

@@ -49,7 +49,7 @@ else
   # ResNet-20 b128 32x32: eager, torch.compile and CUDA graphs (reduce-overhead), plain vs CutMixAt(layer=2)
   compiled_args=(--models resnet20_cifar:128:32 --layers 2)
   # the paper's model at the paper's batch, eager only (compiling it outlasts a step's limit): its step time
-  # prices the paper-scale run (README, "the price of the paper")
+  # prices the paper-scale run (docs/paper-recipe.md)
   pyramid_args=(--models pyramidnet200_a240:64:32 --modes eager --layers 2 --steps 10 --warmup 3)
   # a larger depth ablation than the CPU default: ResNet-20 on 5k images, 20 epochs, 2 seeds (resumable:
   # if the limit cuts it, the finished runs are in results.csv and a rerun continues)
@@ -75,7 +75,7 @@ step pyramidnet_step 40 python -m experiments.bench.compiled --device "$DEVICE" 
   --out "$WORK/pyramidnet_step.json"
 step depth_ablation 80 python -m experiments.depth_ablation --device "$DEVICE" "${data_arg[@]}" \
   "${depth_args[@]}" --no-progress --out "$WORK/depth_ablation"
-# --- study throughput (issue 14): eager / compiled / compiled + --jobs 2 for ResNet-20, baseline + CutMix at the
+# --- study throughput: eager / compiled / compiled + --jobs 2 for ResNet-20, baseline + CutMix at the
 # input, 2 seeds x 2 epochs on 5,120 Fashion-MNIST images (or tiny synthetic data with SMOKE=1, dynamo's eager
 # backend). Table: $WORK/throughput/throughput.md
 throughput_args=()

@@ -16,13 +16,17 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .stats import EXCLUDES_TITLE, INTERVAL_TITLE, format_excludes, format_interval, paired_interval
+
 ROW_KEYS = (
     "study", "model", "dataset", "setting", "layer", "alpha", "variant", "kind", "cutmix_prob", "seed", "epochs",
     "train_size", "test_size", "batch_size", "lr", "best_top1_err", "best_top5_err", "best_epoch",
     "final_top1_err", "final_top5_err", "final_train_loss", "train_time_s", "eval_time_s", "compile_time_s",
     "compiled_graphs", "images_per_s", "world_size", "device", "threads", "config_hash", "finished_at",
 )
-RULE = "2-SE rule: |mean Δ| > 2·std(Δ)/√n over the n paired seeds"
+INTERVAL_NOTE = ("*95 % paired t-interval of Δ*: mean(Δ) ± t(0.975, n − 1)·std(Δ)/√n over the n paired seeds "
+                 "(t = 12.71 for n = 2, 4.30 for n = 3, 2.78 for n = 5); *excludes 0?* says whether it lies wholly "
+                 "on one side of 0; with fewer than 2 pairs there is no interval (*n too small*).")
 ERROR_KEYS = ("best_top1_err", "best_top5_err", "final_top1_err", "final_top5_err", "top1_err", "top5_err")
 TIME_KEYS = ("train_time_s", "eval_time_s", "compile_time_s")
 
@@ -115,8 +119,9 @@ def summarize(rows: Iterable[dict[str, Any]], order: Sequence[str] | None = None
               baseline: str = "baseline") -> list[dict[str, Any]]:
     """Per setting: seeds, mean/std of final and best errors, and paired differences to the baseline.
 
-    Δ = setting - baseline of the same seed (negative: the setting has lower error). `resolved` applies
-    `RULE`; `wins` counts seeds where the setting's final top-1 error is lower than the baseline's.
+    Δ = setting - baseline of the same seed (negative: the setting has lower error). `interval` is the 95 %
+    paired t-interval of the final top-1 Δ (`experiments.stats.paired_interval`); `wins` counts seeds where the
+    setting's final top-1 error is lower than the baseline's.
     """
     by: dict[str, dict[int, dict]] = {}
     for r in rows:
@@ -138,8 +143,7 @@ def summarize(rows: Iterable[dict[str, Any]], order: Sequence[str] | None = None
             s["diff_" + key] = mean_std(d)
         d = [runs[k]["final_top1_err"] - base[k]["final_top1_err"] for k in paired]
         s["wins"] = sum(x < 0 for x in d)
-        m, sd = s["diff_final_top1_err"]
-        s["resolved"] = len(d) >= 2 and abs(m) > 2 * (sd if sd == sd else math.inf) / math.sqrt(len(d))
+        s["interval"] = paired_interval(d)
         stats.append(s)
     return stats
 
@@ -175,7 +179,7 @@ def write_csv(path: str | Path, rows: Sequence[dict[str, Any]], fieldnames: Sequ
 
 SUMMARY_HEADER = ("setting", "n", "final top-1 err", "best top-1 err", "final top-5 err",
                   "Δ final top-1 vs baseline (paired)", "Δ best top-1 (paired)", "lower than baseline",
-                  "Δ resolved?")
+                  INTERVAL_TITLE, EXCLUDES_TITLE)
 
 
 def markdown_table(stats: Sequence[dict[str, Any]], baseline: str = "baseline") -> str:
@@ -186,9 +190,10 @@ def markdown_table(stats: Sequence[dict[str, Any]], baseline: str = "baseline") 
         delta = "(reference)" if is_base else fmt_mean_std(s["diff_final_top1_err"], sign=True)
         delta_best = "" if is_base else fmt_mean_std(s["diff_best_top1_err"], sign=True)
         wins = "" if is_base else f"{s['wins']}/{s['n_pairs']}"
-        resolved = "" if is_base else ("yes" if s["resolved"] else "no")
+        interval = "" if is_base else format_interval(s["interval"])
+        excludes = "" if is_base else format_excludes(s["interval"])
         rows.append([s["setting"], s["n"], fmt_mean_std(s["final_top1_err"]), fmt_mean_std(s["best_top1_err"]),
-                     fmt_mean_std(s["final_top5_err"]), delta, delta_best, wins, resolved])
+                     fmt_mean_std(s["final_top5_err"]), delta, delta_best, wins, interval, excludes])
     return md_table(SUMMARY_HEADER, rows)
 
 
@@ -199,8 +204,8 @@ def write_summary(out: str | Path, stats: Sequence[dict[str, Any]], header: str 
         "Errors are test errors in %, mean ± sample std over seeds. *final*: after the last epoch; *best*: the "
         "lowest error among the evaluations during training (the paper's convention; optimistic, since it is "
         "chosen on the test set). Δ = setting − baseline of the same seed (negative = fewer errors), mean ± std "
-        f"of the per-seed differences. *Δ resolved?* applies the {RULE}. *lower than baseline*: seeds where "
-        "the final top-1 error is below the baseline's.")
+        f"of the per-seed differences. {INTERVAL_NOTE} *lower than baseline*: seeds where the final top-1 error "
+        "is below the baseline's.")
     path = Path(out) / "summary.md"
     path.write_text(f"{header}\n\n{markdown_table(stats, baseline)}\n\n{notes}\n")
     return path

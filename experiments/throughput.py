@@ -12,17 +12,15 @@ dynamo's eager backend).
 from __future__ import annotations
 
 import json
-import os
-
-if __name__ == "__main__":  # a command, not an import: OpenMP reads this once, as torch loads
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import openmp  # noqa: F401  (sets OMP_WAIT_POLICY: import it before anything that loads torch)
+
+# isort: split
 from . import depth_ablation, results
 from .cli import ArgumentParser, HelpFormatter
 

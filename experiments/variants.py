@@ -7,24 +7,31 @@ larger area; complete_label: 0.5/0.5 labels whatever the box.
 """
 from __future__ import annotations
 
-import os
-
-if __name__ == "__main__":  # a command, not an import: OpenMP reads this once, as torch loads
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
+from . import openmp  # noqa: F401  (sets OMP_WAIT_POLICY: import it before anything that loads torch)
+
+# isort: split
 from . import results, study
 from .engine import Setting
+from .options import StudyOptions, study_option
 
 VARIANTS = ["cutmix", "center_gaussian", "fixed_size", "scheduled", "one_hot", "complete_label"]
 
 
-def make_settings(opts: dict[str, Any]) -> list[Setting]:
+@dataclass
+class VariantOptions(StudyOptions):
+    """The shared options, the variants to run and the layer to mix at."""
+
+    variants: list[str] = study_option("--variants", VARIANTS, nargs="+", choices=VARIANTS, help="variants to run")
+    layer: int = study_option("--layer", 0, type=int, help="layer index to mix at (0 = input)")
+
+
+def make_settings(opts: VariantOptions) -> list[Setting]:
     """The baseline, then each variant of --variants at --layer."""
-    return [Setting("baseline")] + [Setting(v, layer=opts["layer"], alpha=opts["alpha"], variant=v)
-                                    for v in opts["variants"]]
+    return [Setting("baseline")] + [Setting(v, layer=opts.layer, alpha=opts.alpha, variant=v) for v in opts.variants]
 
 
 def plot(stats: list[dict], out: Path, name: str) -> Path:
@@ -32,15 +39,9 @@ def plot(stats: list[dict], out: Path, name: str) -> Path:
     return results.plot_bars(stats, out / "variants.png", f"{name}: final top-1 test error, mean ± std over seeds")
 
 
-OPTIONS: list[study.Option] = [
-    ("--variants", dict(nargs="+", choices=VARIANTS, default=VARIANTS, help="variants to run")),
-    ("--layer", dict(type=int, default=0, help="layer index to mix at (0 = input)")),
-]
-
-
 def main(argv: Sequence[str] | None = None) -> Path:
     """`python -m experiments.variants`: run the study (see --help); returns its output directory."""
-    return study.main("variants", __doc__, argv, OPTIONS, make_settings, plot,
+    return study.main("variants", __doc__, argv, make_settings, plot, VariantOptions,
                       flags={"layer": "--layer", "variant": "--variants"})
 
 

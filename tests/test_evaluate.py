@@ -420,6 +420,7 @@ def test_end_to_end_on_a_study_directory(tmp_path, capsys):
     assert float(agg[0]["clean_acc_mean"]) == pytest.approx((accs["baseline_seed0"] + accs["baseline_seed1"]) / 2)
     md = (out / "comparison.md").read_text()
     assert "## By setting" in md and "paired" in md and "layer2" in md
+    assert "95 % paired t-interval of Δ" in md and "| layer0 | 1 | n too small |" in md  # one pair: no interval
     assert (out / "occlusion.png").exists() and (out / "inbetween.png").exists()
     printed = capsys.readouterr().out
     assert "| baseline |" in printed and "| layer0 |" in printed

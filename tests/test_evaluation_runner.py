@@ -140,14 +140,3 @@ def test_unknown_metric_is_refused_with_the_choices(capsys):
     with pytest.raises(SystemExit):
         command.parse_args(["--ckpt", "x.pt", "--metrics", "fgsm,nonsense"])
     assert "unknown metric(s) ['nonsense']; choose from fgsm,occlusion" in capsys.readouterr().err
-
-
-def test_old_commands_are_aliases_of_the_new_modules():
-    import experiments.bench.mixing
-    import experiments.bench.step
-    import experiments.bench_mixing
-    import experiments.bench_step
-    import experiments.evaluate
-    assert experiments.evaluate.main is command.main
-    assert experiments.bench_mixing.main is experiments.bench.mixing.main
-    assert experiments.bench_step.main is experiments.bench.step.main

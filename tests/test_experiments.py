@@ -15,7 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments import alpha_sweep, compare, data, depth_ablation, engine, feature_cutmix, results, study, variants
+from experiments import (
+    alpha_sweep,
+    compare,
+    data,
+    depth_ablation,
+    engine,
+    feature_cutmix,
+    options,
+    results,
+    runs,
+    variants,
+)
 from experiments.data import TensorData, balanced_subset, random_crop_flip, read_idx
 from experiments.engine import RunConfig, Setting, lr_factor, train_run
 
@@ -210,16 +221,21 @@ def test_summary_paired_differences():
     stats = {s["setting"]: s for s in results.summarize(rows, ["baseline", "a", "b", "c"])}
     m, sd = stats["a"]["diff_final_top1_err"]
     assert m == pytest.approx(-5 / 6) and sd == pytest.approx(math.sqrt(1 / 12))
-    assert stats["a"]["resolved"] and stats["a"]["wins"] == 3 and stats["a"]["n_pairs"] == 3
-    assert stats["b"]["diff_final_top1_err"][0] == pytest.approx(0.0) and not stats["b"]["resolved"]
+    # 95 % t-interval, 2 degrees of freedom: -5/6 ± 4.303 · sqrt(1/12) / sqrt(3) = [-1.55, -0.12]
+    low, high = stats["a"]["interval"].low, stats["a"]["interval"].high
+    half = 4.302653 * math.sqrt(1 / 12) / math.sqrt(3)
+    assert (low, high) == (pytest.approx(-5 / 6 - half, abs=1e-6), pytest.approx(-5 / 6 + half, abs=1e-6))
+    assert stats["a"]["interval"].excludes_zero and stats["a"]["wins"] == 3 and stats["a"]["n_pairs"] == 3
+    assert stats["b"]["diff_final_top1_err"][0] == pytest.approx(0.0) and not stats["b"]["interval"].excludes_zero
     assert stats["b"]["wins"] == 1
     # unpaired seeds count in the raw mean but not in the paired difference
     assert stats["c"]["n"] == 2 and stats["c"]["final_top1_err"][0] == pytest.approx(4.5)
     assert stats["c"]["n_pairs"] == 1 and stats["c"]["diff_final_top1_err"][0] == pytest.approx(-2.0)
-    assert not stats["c"]["resolved"]  # one pair has no spread: never "resolved"
+    assert not stats["c"]["interval"].defined  # one pair: no interval
     assert stats["baseline"]["final_top1_err"] == pytest.approx((12.0, 2.0))
     table = results.markdown_table(list(stats.values()))
-    assert "-0.83 ± 0.29" in table and "| a | 3 |" in table and "3/3 | yes" in table
+    assert "-0.83 ± 0.29" in table and "| a | 3 |" in table and "3/3 | [-1.55, -0.12] | yes |" in table
+    assert "| 1/3 | [-4.30, +4.30] | no: includes 0 |" in table and "| 1/1 | n too small | n too small |" in table
 
 
 # ---------------------------------------------------------------- studies
@@ -256,7 +272,7 @@ def test_study_smoke(tmp_path, capsys, mod, png, names):
     net = timm.create_model(ck["model"], num_classes=ck["num_classes"], in_chans=ck["in_chans"], **ck["model_kwargs"])
     net.load_state_dict(ck["model_state"])  # the checkpoint loads into the plain model
     summary = (tmp_path / "summary.md").read_text()
-    assert all(f"| {n} | 1 |" in summary for n in names) and "2-SE rule" in summary
+    assert all(f"| {n} | 1 |" in summary for n in names) and "95 % paired t-interval of Δ" in summary
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["options"]["epochs"] == 1 and len(cfg["settings"]) == len(names)
     printed = capsys.readouterr().out
@@ -265,12 +281,12 @@ def test_study_smoke(tmp_path, capsys, mod, png, names):
 
 def test_resume_skips_finished_runs(tmp_path, monkeypatch, capsys):
     calls = []
-    real = study.train_run
+    real = runs.train_run
 
     def counting(cfg, setting, seed, *a, **k):
         calls.append((setting.name, seed))
         return real(cfg, setting, seed, *a, **k)
-    monkeypatch.setattr(study, "train_run", counting)
+    monkeypatch.setattr(runs, "train_run", counting)
     args = TINY + ["--out", str(tmp_path), "--layers", "0", "2"]
     depth_ablation.main(args)
     assert len(calls) == 3
@@ -302,12 +318,12 @@ def test_help_documents_options(capsys):
 
 
 def test_recipes_resolve():
-    p = study.build_parser("x", "")
-    opts = study.resolve(p.parse_args(["--recipe", "paper-cifar", "--epochs", "3"]))
-    assert opts["model"] == "pyramidnet200_a240" and opts["dataset"] == "cifar100" and opts["lr"] == 0.25
-    assert opts["batch_size"] == 64 and opts["schedule"] == "step" and opts["epochs"] == 3
-    smoke = study.resolve(p.parse_args(["--smoke"]))
-    assert smoke["epochs"] == 1 and smoke["train_subset"] == 256 and smoke["seeds"] == [0]
+    p = options.build_parser("x", "")
+    opts = options.resolve(p.parse_args(["--recipe", "paper-cifar", "--epochs", "3"]))
+    assert opts.model == "pyramidnet200_a240" and opts.dataset == "cifar100" and opts.lr == 0.25
+    assert opts.batch_size == 64 and opts.schedule == "step" and opts.epochs == 3
+    smoke = options.resolve(p.parse_args(["--smoke"]))
+    assert smoke.epochs == 1 and smoke.train_subset == 256 and smoke.seeds == [0]
 
 
 def _free_port() -> int:

@@ -408,7 +408,7 @@ def run_module(module: str, out: Path, timeout: float) -> dict:
 
 
 def test_bench_mixing_quick_writes_json(tmp_path):
-    data = run_module("experiments.bench_mixing", tmp_path / "mix.json", timeout=120)
+    data = run_module("experiments.bench.mixing", tmp_path / "mix.json", timeout=120)
     assert data["benchmark"] == "bench_mixing" and data["quick"] is True
     assert {"fixed", "environment", "results", "targets"} <= set(data)
     assert {(tuple(r["shape"]), r["dtype"]) for r in data["results"]} >= {((8, 3, 64, 64), "fp32"),
@@ -423,7 +423,7 @@ def test_bench_mixing_quick_writes_json(tmp_path):
 
 
 def test_bench_step_quick_writes_json(tmp_path):
-    data = run_module("experiments.bench_step", tmp_path / "step.json", timeout=150)
+    data = run_module("experiments.bench.step", tmp_path / "step.json", timeout=150)
     assert data["benchmark"] == "bench_step" and data["quick"] is True
     variants = {v["variant"]: v for v in data["eager"]["variants"]}
     assert set(variants) == {"plain", "layer=2"}

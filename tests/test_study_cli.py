@@ -1,4 +1,4 @@
-"""The studies' command line (issues 12 and 14): fail fast and plainly, help with every default once, results
+"""The studies' command line: fail fast and plainly, help with every default once, results
 rounded to what was measured, the CUDA fast path switched by device, --jobs' placement, no import-time effects."""
 from __future__ import annotations
 
@@ -13,7 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments import alpha_sweep, depth_ablation, feature_cutmix, parallel, results, study, throughput, variants
+from experiments import (
+    alpha_sweep,
+    depth_ablation,
+    feature_cutmix,
+    options,
+    results,
+    runs,
+    study,
+    throughput,
+    variants,
+)
 from experiments.cli import HelpFormatter, UsageError
 from experiments.fast import fast_defaults, uses_cuda_graphs
 
@@ -56,30 +66,43 @@ def test_fast_defaults_switch_on_with_cuda_only():
     (["--amp", "--channels-last", "--compile"], "cpu", (True, True, True)),  # the old opt-in flags still work
 ])
 def test_speed_flags_resolve_per_device(flags, device, expected):
-    opts = study.resolve(study.build_parser("x", "").parse_args(flags))
+    opts = options.resolve(options.build_parser("x", "").parse_args(flags))
     study.apply_fast_defaults(opts, device, 1)
-    assert (opts["amp"], opts["channels_last"], opts["compile"]) == expected
+    assert (opts.amp, opts.channels_last, opts.compile) == expected
 
 
 def test_default_cpu_study_keeps_its_configuration_hash():
     """The new options are speed-only: the default CPU study is still configuration 57c6db671a44, so its
     output directory, summary header and checkpoints stay valid."""
-    p = study.build_parser("depth_ablation", "")
-    p.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    opts = study.resolve(p.parse_args([]))
+    p = options.study_parser("depth_ablation", "", depth_ablation.DepthOptions)
+    opts = options.resolve(p.parse_args([]), depth_ablation.DepthOptions)
     study.apply_fast_defaults(opts, "cpu", 1)
-    assert study.config_hash("depth_ablation", opts) == "57c6db671a44"
-    opts["jobs"], opts["max_minutes"], opts["compile_mode"] = 4, 30.0, "max-autotune"
-    assert study.config_hash("depth_ablation", opts) == "57c6db671a44"
+    assert options.config_hash("depth_ablation", opts) == "57c6db671a44"
+    opts.jobs, opts.max_minutes, opts.compile_mode = 4, 30.0, "max-autotune"
+    assert options.config_hash("depth_ablation", opts) == "57c6db671a44"
+
+
+def test_options_are_typed_per_study():
+    """A study's own options are fields of its StudyOptions subclass, parsed from its flags; an option the
+    dataclass lacks is an error, not a silently dropped value."""
+    p = options.study_parser("alpha_sweep", "", alpha_sweep.AlphaOptions)
+    opts = options.resolve(p.parse_args(["--alphas", "0.5", "2", "--layer", "3", "--epochs", "7"]),
+                           alpha_sweep.AlphaOptions)
+    assert type(opts) is alpha_sweep.AlphaOptions and isinstance(opts, options.StudyOptions)
+    assert (opts.alphas, opts.layer, opts.epochs, opts.model) == ([0.5, 2.0], 3, 7, "resnet8_cifar")
+    assert [s.name for s in alpha_sweep.make_settings(opts)] == ["baseline", "alpha0.5", "alpha2"]
+    assert options.resolve(p.parse_args([]), alpha_sweep.AlphaOptions).alphas == [0.1, 0.25, 0.5, 1.0, 2.0, 4.0]
+    with pytest.raises(TypeError, match="no field for the options.*alphas"):
+        options.resolve(p.parse_args([]), options.StudyOptions)
 
 
 def test_jobs_placement():
-    assert parallel.job_devices("cuda", None, 4) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
-    assert parallel.job_devices("cuda", 2, 4) == ["cuda:2"]  # an explicit GPU: every job on it
-    assert parallel.job_devices("cuda", None, 1) == ["cuda:0"]
-    assert parallel.job_devices("cpu", None, 0) == ["cpu"]
-    assert parallel.threads_per_job(None, 2, 2) == 1 and parallel.threads_per_job(8, 3, 2) == 2
-    assert parallel.threads_per_job(1, 4, 16) == 1
+    assert runs.job_devices("cuda", None, 4) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert runs.job_devices("cuda", 2, 4) == ["cuda:2"]  # an explicit GPU: every job on it
+    assert runs.job_devices("cuda", None, 1) == ["cuda:0"]
+    assert runs.job_devices("cpu", None, 0) == ["cpu"]
+    assert runs.threads_per_job(None, 2, 2) == 1 and runs.threads_per_job(8, 3, 2) == 2
+    assert runs.threads_per_job(1, 4, 16) == 1
 
 
 # ---------------------------------------------------------------- fail fast, speak plainly
@@ -89,8 +112,8 @@ def no_training(monkeypatch):
     """Any run that starts training fails the test."""
     def refuse(*a, **k):
         raise AssertionError("a run started training before the options were checked")
-    monkeypatch.setattr(study, "train_run", refuse)
-    monkeypatch.setattr(study, "run_parallel", refuse, raising=False)
+    monkeypatch.setattr(runs, "train_run", refuse)
+    monkeypatch.setattr(runs, "run_parallel", refuse)
 
 
 def _fails(capsys, main, argv, *expected):
@@ -171,10 +194,9 @@ def test_debug_shows_the_traceback(no_training):
 # ---------------------------------------------------------------- help and results files
 
 def _parser(mod) -> argparse.ArgumentParser:
-    p = study.build_parser(mod.__name__.split(".")[-1], mod.__doc__)
-    for flag, kwargs in mod.OPTIONS:
-        p.add_argument(flag, **kwargs)
-    return p
+    options_type = next((v for v in vars(mod).values() if isinstance(v, type) and issubclass(v, options.StudyOptions)
+                         and v.__module__ == mod.__name__), options.StudyOptions)
+    return options.study_parser(mod.__name__.split(".")[-1], mod.__doc__, options_type)
 
 
 @pytest.mark.parametrize("mod", STUDIES, ids=lambda m: m.__name__.split(".")[-1])
@@ -253,14 +275,40 @@ def test_csv_keeps_an_older_header(tmp_path):
     assert (tmp_path / "results.csv").read_text().splitlines() == ["study,setting,seed", "s,a,0"]
 
 
-def test_importing_the_experiments_changes_no_environment():
-    code = ("import os; before = dict(os.environ); import experiments, experiments.study, experiments.depth_ablation, "
-            "experiments.alpha_sweep, experiments.variants, experiments.feature_cutmix, experiments.throughput, "
-            "experiments.evaluation.command; assert dict(os.environ) == before, set(os.environ) ^ set(before)")
+def _python_without_omp_policy(code: str) -> str:
+    """Run `python -c code` from the repository root with OMP_WAIT_POLICY unset; its stdout."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_importing_the_experiments_changes_no_environment():
+    _python_without_omp_policy(
+        "import os; before = dict(os.environ); import experiments, experiments.study, experiments.depth_ablation, "
+        "experiments.alpha_sweep, experiments.variants, experiments.feature_cutmix, experiments.throughput, "
+        "experiments.evaluation.command; assert dict(os.environ) == before, set(os.environ) ^ set(before)")
+
+
+@pytest.mark.parametrize("module,policy", [("experiments.depth_ablation", "PASSIVE"),
+                                           ("experiments.evaluation", "PASSIVE"),
+                                           ("experiments.bench.mixing", None)])
+def test_commands_wait_passively_before_torch_loads(module, policy):
+    """Run as `python -m` (runpy with alter_sys, as -m does): the study and evaluation commands set
+    OMP_WAIT_POLICY=PASSIVE before torch is imported; a benchmark keeps OpenMP's default."""
+    code = ("import os, runpy, sys, builtins\n"
+            "seen = {}\n"
+            "real = builtins.__import__\n"
+            "def spy(name, *a, **k):\n"
+            "    if name == 'torch' and 'torch' not in seen: seen['torch'] = os.environ.get('OMP_WAIT_POLICY')\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = spy\n"
+            "sys.argv = ['x', '--help']\n"
+            f"try: runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+            "except SystemExit: pass\n"
+            "print(repr(seen.get('torch', 'not imported')))")
+    assert _python_without_omp_policy(code).splitlines()[-1] == repr(policy)
 
 
 def test_throughput_measures_the_three_configurations_of_one_study():

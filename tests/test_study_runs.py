@@ -1,4 +1,4 @@
-"""Long runs survive, several at once, compiled once (issue 14): each check compares with the plain run, bit for bit.
+"""Long runs survive, several at once, compiled once: each check compares with the plain run, bit for bit.
 
 CPU only, a tiny ResNet-8 on the synthetic data: interrupted + resumed == uninterrupted; --jobs 2 ==
 one by one; compiled (dynamo's eager backend) == eager, with the second seed compiling nothing.

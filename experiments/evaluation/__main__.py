@@ -1,8 +1,5 @@
 """`python -m experiments.evaluation`: evaluate checkpoints (see `experiments.evaluation.command`)."""
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # a command, not an import: OpenMP reads this once, as torch loads
-
+from .. import openmp  # noqa: F401  (first of this package: OMP_WAIT_POLICY before torch loads)
 from .command import main
 
 main()

@@ -7,8 +7,7 @@ robustness, in-between-class samples, CAM localisation, out-of-distribution dete
     python -m experiments.evaluation --model resnet50 --weights w.pth --dataset imagefolder:/data/cub
     python -m experiments.evaluation --ckpt runs/x/ckpt/baseline_seed0.pt --dataset synthetic-loc
 
-(`python -m experiments.evaluate` is the same command.) Per checkpoint it writes
-<out>/<checkpoint>/report.json + report.md (+ occlusion.png, inbetween.png); across checkpoints
+Per checkpoint it writes <out>/<checkpoint>/report.json + report.md (+ occlusion.png, inbetween.png); across checkpoints
 <out>/comparison.md, comparison.csv (one row per checkpoint), comparison_by_setting.csv (mean/std over
 seeds) and the plots occlusion.png / inbetween.png, and prints the comparison table. Accuracies,
 AUROC, TNR and ECE are percentages. Each measurement's definition is in its module under
@@ -82,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(METRICS)} (default: all that apply; localization "
                         "only applies to datasets with boxes)")
     m.add_argument("--full", action="store_true",
-                   help="the complete occlusion and in-between grids on every test image (slower: see the README)")
+                   help="the complete occlusion and in-between grids on every test image (slower: see docs/studies.md)")
     m.add_argument("--epsilon", type=float, default=8.0, help="FGSM step in pixel units over 255 (8 means 8/255)")
     m.add_argument("--occlusion-steps", type=int, help=_grid_help("occlusion_steps", "occlusion hole sides: this "
                                                                   "many equal steps from 0 to the image side"))

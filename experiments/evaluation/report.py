@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from .. import results
+from .. import results, stats
 from .clean import Clean
 from .runner import MEASUREMENTS
 
@@ -75,29 +75,33 @@ def group_by_setting(reports: Sequence[dict[str, Any]]) -> Groups:
     return dict(sorted(groups.items(), key=lambda kv: _setting_key(kv[1])))
 
 
-def _setting_tables(groups: Groups, keys: list[str]) -> tuple[list[list[Any]], list[dict[str, Any]], list[list[Any]]]:
-    """Per setting: the Markdown row (mean ± std), the CSV record, and the paired difference to the baseline."""
+def _setting_tables(groups: Groups, keys: list[str]) -> tuple[list[list[Any]], list[dict[str, Any]],
+                                                                list[list[Any]], list[list[Any]]]:
+    """Per setting: the Markdown row (mean ± std), the CSV record, the paired difference to the baseline
+    (mean ± std) and its 95 % paired t-interval."""
     base = groups.get("baseline")
     base_by_seed = {r.get("seed"): summary_row(r) for r in base} if base else {}
-    md_rows, csv_rows, delta_rows = [], [], []
+    md_rows, csv_rows, delta_rows, interval_rows = [], [], [], []
     for name, g in groups.items():
         srows = [summary_row(r) for r in g]
-        stats = {k: results.mean_std([r[k] for r in srows if k in r]) for k in keys}
-        md_rows.append([name, srows[0]["layer"], len(g)] + [results.fmt_mean_std(stats[k], missing_std="")
+        means = {k: results.mean_std([r[k] for r in srows if k in r]) for k in keys}
+        md_rows.append([name, srows[0]["layer"], len(g)] + [results.fmt_mean_std(means[k], missing_std="")
                                                             for k in keys])
         csv_rows.append({"setting": name, "layer": srows[0]["layer"], "n": len(g),
-                         **{f"{k}_mean": stats[k][0] for k in keys}, **{f"{k}_std": stats[k][1] for k in keys}})
+                         **{f"{k}_mean": means[k][0] for k in keys}, **{f"{k}_std": means[k][1] for k in keys}})
         paired = [r for r in srows if r["seed"] in base_by_seed] if base and name != "baseline" else []
         if paired:
-            d = {k: results.mean_std([r[k] - base_by_seed[r["seed"]][k] for r in paired
-                                      if k in r and k in base_by_seed[r["seed"]]]) for k in keys}
-            delta_rows.append([name, len(paired)] + [results.fmt_mean_std(d[k], sign=True, missing_std="")
-                                                     for k in keys])
-    return md_rows, csv_rows, delta_rows
+            d = {k: stats.paired_interval([r[k] - base_by_seed[r["seed"]][k] for r in paired
+                                           if k in r and k in base_by_seed[r["seed"]]]) for k in keys}
+            delta_rows.append([name, len(paired)] + [results.fmt_mean_std((d[k].mean, d[k].std), sign=True,
+                                                                          missing_std="") for k in keys])
+            interval_rows.append([name, len(paired)] + [stats.format_interval_verdict(d[k]) for k in keys])
+    return md_rows, csv_rows, delta_rows, interval_rows
 
 
 def _comparison_markdown(reports: Sequence[dict[str, Any]], table: str, titles: list[str],
-                         delta_rows: list[list[Any]], per_ckpt: list[list[Any]]) -> list[str]:
+                         delta_rows: list[list[Any]], interval_rows: list[list[Any]],
+                         per_ckpt: list[list[Any]]) -> list[str]:
     first = reports[0]
     subset = ", a fixed subset" if first.get("test_subset") else ""
     eps = f"; FGSM eps {first['fgsm']['epsilon_255']:g}/255" if "fgsm" in first else ""
@@ -107,7 +111,9 @@ def _comparison_markdown(reports: Sequence[dict[str, Any]], table: str, titles: 
           "better except ECE.", "", "## By setting", "", table]
     if delta_rows:
         md += ["", "## Difference to the baseline of the same seed (paired; positive = higher than baseline)", "",
-               results.md_table(["setting", "pairs"] + titles, delta_rows)]
+               results.md_table(["setting", "pairs"] + titles, delta_rows),
+               "", f"## {stats.INTERVAL_TITLE} (does it exclude 0?)", "",
+               results.md_table(["setting", "pairs"] + titles, interval_rows), "", results.INTERVAL_NOTE]
     md += ["", "## Per checkpoint", "", results.md_table(["checkpoint", "setting", "seed"] + titles, per_ckpt),
            "", COLUMNS_NOTE]
     notes = sorted({n for r in reports for n in r.get("notes", [])})
@@ -124,12 +130,12 @@ def write_comparison(reports: Sequence[dict[str, Any]], out: Path, plots: bool) 
             for r in sorted(g, key=lambda r: (r.get("seed") is None, r.get("seed")))]
     keys = [k for k in SUMMARY_KEYS if any(k in r for r in rows)]
     results.write_csv(out / "comparison.csv", rows, ["label", "setting", "layer", "seed"] + keys)
-    md_rows, csv_rows, delta_rows = _setting_tables(groups, keys)
+    md_rows, csv_rows, delta_rows, interval_rows = _setting_tables(groups, keys)
     results.write_csv(out / "comparison_by_setting.csv", csv_rows, list(csv_rows[0]))
     titles = [SUMMARY_KEYS[k][0] for k in keys]
     table = results.md_table(["setting", "layer", "n"] + titles, md_rows)
     per_ckpt = [[r["label"], r["setting"], r["seed"]] + [r.get(k) for k in keys] for r in rows]
-    md = _comparison_markdown(reports, table, titles, delta_rows, per_ckpt)
+    md = _comparison_markdown(reports, table, titles, delta_rows, interval_rows, per_ckpt)
     (out / "comparison.md").write_text("\n".join(md) + "\n")
     if plots:
         plot_curves(groups, out)
