@@ -321,9 +321,9 @@ def mixing(model: Union[nn.Module, Sequence[FeatureCutMix]], labels: Tensor, num
         RuntimeError: the chosen layer did not run in the forward pass.
 
     Example:
-        >>> net = torch.nn.Sequential(featmix.FeatureCutMix(), torch.nn.Flatten(), torch.nn.Linear(12, 3)).train()
+        >>> net = torch.nn.Sequential(featmix.FeatureCutMix(), torch.nn.Flatten(), torch.nn.Linear(16, 3)).train()
         >>> with featmix.mixing(net, torch.tensor([0, 1]), num_classes=3) as batch:
-        ...     logits = net(torch.randn(2, 3, 2, 2))
+        ...     logits = net(torch.randn(2, 1, 4, 4))
         >>> batch.targets.shape
         torch.Size([2, 3])
 

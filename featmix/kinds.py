@@ -177,7 +177,8 @@ def place(lam: float, center: Tuple[float, float], h: int, w: int, variant: str 
     Args:
         lam: the drawn lam (Beta(alpha, alpha)), before the box correction.
         center: the box centre as fractions in [0, 1) of (height, width).
-        h, w: the grid the box is drawn on.
+        h: the height of the grid the box is drawn on.
+        w: its width.
         variant: the paper's Table 8 variant (box size and label rule).
         rule: the kind and its fixed settings (``correct_lam``, ``cutmix_minmax``).
         cut: Cutout's side fractions, or the two uniforms of ``rule.minmax``.

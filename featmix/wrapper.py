@@ -64,7 +64,11 @@ class CutMixAt(nn.Module):
         kind: ``"cutmix"``, ``"mixup"`` (at ``layer="random"``: Manifold Mixup), ``"cutout"`` or
             ``"cutmix_or_mixup"``.
         mode: ``"batch"`` (the paper's), ``"elem"`` or ``"pair"`` (per-sample draws, timm's modes).
-        mixup_alpha, switch_prob, cutout_size, correct_lam, cutmix_minmax: see ``featmix.MixSampler``.
+        mixup_alpha: Mixup's Beta parameter (``kind="cutmix_or_mixup"``).
+        switch_prob: the chance of CutMix over Mixup (``kind="cutmix_or_mixup"``).
+        cutout_size: Cutout's box side as a fraction of each side.
+        correct_lam: CutMix's label weight is the pasted area (True) or the drawn lam.
+        cutmix_minmax: timm's box-side range as fractions of each side (replaces the Beta draw).
         layout: the layout of the chosen layers' outputs when the model does not declare it: ``"NCHW"``,
             ``"NHWC"`` or ``"NLC"`` (tokens).
         grid: (h, w) of the patch tokens of an ``"NLC"`` output.
