@@ -29,8 +29,23 @@ def paste_box(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1,
               inv_perm: Optional[Tensor] = None) -> Tensor:
     """New tensor: ``x`` with the box ``(y1, y2, x1, x2)`` from ``x[perm]``; gradients reach both partners.
 
-    Never modifies ``x`` (safe after an in-place ReLU); an empty box returns ``x`` itself; pass
-    ``inv_perm`` when the caller already has the inverse permutation.
+    Never modifies ``x`` (safe after an in-place ReLU); an empty box returns ``x`` itself.
+
+    Args:
+        x: the batch (batch on dim 0).
+        perm: int64 (B,): sample ``i`` takes its box from sample ``perm[i]``.
+        box: (y1, y2, x1, x2), half-open, on dims ``hdim`` and ``wdim``.
+        hdim: the height dim.
+        wdim: the width dim.
+        inv_perm: the inverse permutation, when the caller already has it.
+
+    Returns:
+        The mixed tensor, in ``x``'s dtype and memory format.
+
+    Example:
+        >>> x = torch.arange(2.0).view(2, 1, 1, 1).expand(2, 1, 2, 2).contiguous()
+        >>> featmix.functional.paste_box(x, torch.tensor([1, 0]), (0, 1, 0, 2))[0, 0].tolist()
+        [[1.0, 1.0], [0.0, 0.0]]
     """
     hdim, wdim = hdim % x.dim(), wdim % x.dim()
     if _empty(box):

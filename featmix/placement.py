@@ -67,8 +67,22 @@ def label_weight(lam: Number, variant: str) -> Number:
 def box_on_grid(lam: float, center: Tuple[float, float], h: int, w: int, variant: str = "cutmix") -> Box:
     """Reference rule: cut = int(side * sqrt(1 - lam)), integer centre, half-sides cut // 2, clipped.
 
-    ``center`` holds fractions in [0, 1) of each side. ``fixed_size`` keeps the half-side box wholly
-    inside the grid (the paper's 16 x 16 on 32 x 32), its centre fraction placing the top-left corner.
+    ``fixed_size`` keeps the half-side box wholly inside the grid (the paper's 16 x 16 on 32 x 32), its
+    centre fraction placing the top-left corner.
+
+    Args:
+        lam: the drawn lam.
+        center: fractions in [0, 1) of each side.
+        h: the grid's height.
+        w: the grid's width.
+        variant: ``"fixed_size"`` or any other variant (the reference rule).
+
+    Returns:
+        (y1, y2, x1, x2), half-open on the grid; possibly empty (lam near 1, or a side of 1 or 2).
+
+    Example:
+        >>> featmix.box_on_grid(0.75, (0.5, 0.5), 32, 32)
+        (8, 24, 8, 24)
     """
     if variant == "fixed_size":
         return inside_box((0.5, 0.5), center, h, w)

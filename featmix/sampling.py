@@ -129,9 +129,31 @@ class MixSampler:
     DataLoader worker a seeded generator is reseeded once from its seed and the worker's seed (which
     torch derives per worker and per epoch), so workers draw different, reproducible streams.
 
-    ``kind``: ``"cutmix"``, ``"mixup"``, ``"cutout"`` or ``"cutmix_or_mixup"`` (CutMix with chance
-    ``switch_prob``, else Mixup with ``mixup_alpha``, as timm's ``Mixup``); ``alpha`` is the Beta
-    parameter of the kind's own lam (CutMix's for ``cutmix_or_mixup``).
+    Args:
+        alpha: the Beta parameter of the kind's own lam (CutMix's for ``cutmix_or_mixup``).
+        prob: the chance a batch is mixed (per sample in ``"elem"``/``"pair"`` modes).
+        variant: the paper's Table 8 variant (``featmix.VARIANTS``).
+        kind: ``"cutmix"``, ``"mixup"``, ``"cutout"`` or ``"cutmix_or_mixup"`` (CutMix with chance
+            ``switch_prob``, else Mixup with ``mixup_alpha``, as timm's ``Mixup``).
+        mode: ``"batch"`` (one draw for the batch), ``"elem"`` (per sample) or ``"pair"`` (per pair).
+        mixup_alpha: Mixup's Beta parameter for ``cutmix_or_mixup``.
+        switch_prob: the chance of CutMix over Mixup.
+        cutout_size: Cutout's box side as a fraction of each side.
+        cutmix_minmax: timm's box-side range as fractions of each side (replaces the Beta draw).
+        correct_lam: CutMix's label weight is the pasted area (True) or the drawn lam.
+        total_steps: the schedule's length for ``variant="scheduled"``.
+        center_std: the box centre's std for ``variant="center_gaussian"``.
+        generator: a CPU ``torch.Generator``, or None for torch's default generator.
+
+    Raises:
+        ValueError: a value out of range or a kind/variant pair that does not fit (named in the message).
+        TypeError: a generator that is not a ``torch.Generator``.
+
+    Example:
+        >>> sampler = featmix.MixSampler(alpha=1.0, generator=torch.Generator().manual_seed(0))
+        >>> draw = sampler.draw(batch_size=4)
+        >>> draw.perm.shape, 0.0 <= draw.lam <= 1.0, draw.place(8, 8).grid
+        (torch.Size([4]), True, (8, 8))
     """
 
     def __init__(self, alpha: float = 1.0, prob: float = 1.0, variant: str = "cutmix", *, kind: str = "cutmix",
@@ -232,7 +254,15 @@ class MixSampler:
         return self.prob
 
     def draw(self, batch_size: int, num_sites: int = 1) -> MixDraw:
-        """Draw gate, lam, centre, permutation and site for one batch of ``batch_size`` samples."""
+        """Draw gate, lam, centre, permutation and site for one batch.
+
+        Args:
+            batch_size: the samples in the batch.
+            num_sites: the candidate mixing sites; one is chosen uniformly.
+
+        Returns:
+            The ``MixDraw`` of the batch (``mixed`` False: it trains unmixed).
+        """
         g = self._stream()
         p = self.current_prob()
         self.step += 1

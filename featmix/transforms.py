@@ -147,10 +147,40 @@ class CutMix(_BatchMix):
 
     One draw per call (gate, lam, box, permutation), the box on the image grid with the reference
     code's rule and the label weight corrected to the pasted area (``correct_lam``). ``labels`` are
-    class indices (B,) or soft/multi-hot targets (B, num_classes); ``targets`` are float (B,
-    num_classes). ``inplace=True`` mixes the caller's tensor in place (only the box is written).
-    ``mode="elem"``/``"pair"``: a box per sample (timm's modes). ``last_mix`` holds the latest
-    ``MixRecord`` (None when not mixed); the ``scheduled`` step is part of ``state_dict()``.
+    class indices (B,) or soft/multi-hot targets (B, num_classes). ``last_mix`` holds the latest
+    ``MixRecord`` (None when not mixed); the draw state (generator, ``scheduled`` step) is part of
+    ``state_dict()``.
+
+    Args:
+        num_classes: the class count (may be None only for (B, K) soft labels).
+        alpha: lam ~ Beta(alpha, alpha).
+        prob: the chance a batch is mixed.
+        variant: the paper's Table 8 variant (``featmix.VARIANTS``).
+        total_steps: the schedule's length for ``variant="scheduled"``.
+        center_std: the box centre's std for ``variant="center_gaussian"``.
+        correct_lam: the label weight is the pasted area (True) or the drawn lam.
+        cutmix_minmax: timm's box-side range as fractions of each side (replaces the Beta draw).
+        label_smoothing: applied to the one-hot labels before mixing (``(1 - eps) * y + eps / K``).
+        generator: a CPU ``torch.Generator``; all randomness (gate, lam, box, permutation) comes from it.
+        inplace: mix the caller's tensor in place (the fastest path; a leaf that requires grad is an error).
+        mode: ``"batch"`` (one draw for the batch, the paper's), ``"elem"`` or ``"pair"`` (per sample, timm's).
+        labels_getter: where the labels are in a sample (torchvision's ``"default"`` heuristic, a callable,
+            or None).
+
+    Returns (of a call):
+        ``(images, targets)``: the mixed (B, C, H, W) images in their dtype and memory format, and float
+        (B, num_classes) targets; other call forms (a tuple, a dict sample) come back in their container.
+
+    Raises:
+        ValueError: a bad argument (named, with its valid range); labels outside [0, num_classes);
+            one label per image missing.
+        InputTypeError: images that are not a (B, C, H, W) tensor (a ``TypeError`` and a ``ValueError``).
+
+    Example:
+        >>> cutmix = featmix.CutMix(num_classes=10, generator=torch.Generator().manual_seed(0))
+        >>> images, targets = cutmix(torch.rand(8, 3, 32, 32), torch.arange(8))
+        >>> targets.shape, bool(torch.allclose(targets.sum(1), torch.ones(8)))
+        (torch.Size([8, 10]), True)
     """
 
     def __init__(self, num_classes: Optional[int] = None, alpha: float = 1.0, prob: float = 1.0,
@@ -163,14 +193,39 @@ class CutMix(_BatchMix):
                          cutmix_minmax=cutmix_minmax, total_steps=total_steps, center_std=center_std,
                          generator=generator)
 
-    @staticmethod
-    def from_timm_args(**timm_kwargs: Any) -> _BatchMix:
-        """The transform timm's ``Mixup(**timm_kwargs)`` describes (see ``featmix.from_timm_args``)."""
-        return from_timm_args(**timm_kwargs)
-
 
 class Mixup(_BatchMix):
-    """Mixup a batch: ``lam * x + (1 - lam) * x[perm]``, targets with the same lam (no box, no correction)."""
+    """Mixup a batch: ``lam * x + (1 - lam) * x[perm]``, targets with the same lam (no box, no correction).
+
+    Args:
+        num_classes: the class count (may be None only for (B, K) soft labels).
+        alpha: lam ~ Beta(alpha, alpha).
+        prob: the chance a batch is mixed.
+        variant: a label/schedule variant (``"cutmix"`` = none, ``"scheduled"``, ``"one_hot"``,
+            ``"complete_label"``).
+        total_steps: the schedule's length for ``variant="scheduled"``.
+        label_smoothing: applied to the one-hot labels before mixing (``(1 - eps) * y + eps / K``).
+        generator: a CPU ``torch.Generator``; all randomness (gate, lam, box, permutation) comes from it.
+        inplace: mix the caller's tensor in place (the fastest path; a leaf that requires grad is an error).
+        mode: ``"batch"`` (one draw for the batch, the paper's), ``"elem"`` or ``"pair"`` (per sample, timm's).
+        labels_getter: where the labels are in a sample (torchvision's ``"default"`` heuristic, a callable,
+            or None).
+
+    Returns (of a call):
+        ``(images, targets)``: the mixed (B, C, H, W) images in their dtype and memory format, and float
+        (B, num_classes) targets; other call forms (a tuple, a dict sample) come back in their container.
+
+    Raises:
+        ValueError: a bad argument (named, with its valid range); labels outside [0, num_classes);
+            one label per image missing.
+        InputTypeError: images that are not a (B, C, H, W) tensor (a ``TypeError`` and a ``ValueError``).
+
+    Example:
+        >>> mixup = featmix.Mixup(num_classes=3, generator=torch.Generator().manual_seed(0))
+        >>> images, targets = mixup(torch.ones(2, 1, 4, 4), torch.tensor([0, 2]))
+        >>> bool(torch.all(images == 1)), targets.shape
+        (True, torch.Size([2, 3]))
+    """
 
     def __init__(self, num_classes: Optional[int] = None, alpha: float = 1.0, prob: float = 1.0,
                  label_smoothing: float = 0.0, generator: Optional[torch.Generator] = None, inplace: bool = False, *,
@@ -184,7 +239,37 @@ class Cutout(_BatchMix):
     """Cutout: a box of ``size`` of each side zeroed (centre uniform, clipped at the border), labels unchanged.
 
     The paper's CIFAR setting, 16 x 16 on 32 x 32, is ``size=0.5``. With ``num_classes`` the labels come
-    back as one-hot (smoothed) targets, like the other transforms; without, as they came.
+    back as one-hot (smoothed) targets, like the other transforms; without, as they came. Cutout needs
+    no partner: a batch of one is cut too.
+
+    Args:
+        size: the box side as a fraction of each side.
+        prob: the chance a batch is cut.
+        num_classes: the class count, or None to return the labels as they came.
+        variant: ``"cutmix"`` (none), ``"center_gaussian"`` or ``"scheduled"``.
+        center_std: the box centre's std for ``variant="center_gaussian"``.
+        total_steps: the schedule's length for ``variant="scheduled"``.
+        label_smoothing: applied to the one-hot labels before mixing (``(1 - eps) * y + eps / K``).
+        generator: a CPU ``torch.Generator``; all randomness (gate, lam, box, permutation) comes from it.
+        inplace: mix the caller's tensor in place (the fastest path; a leaf that requires grad is an error).
+        mode: ``"batch"`` (one draw for the batch, the paper's), ``"elem"`` or ``"pair"`` (per sample, timm's).
+        labels_getter: where the labels are in a sample (torchvision's ``"default"`` heuristic, a callable,
+            or None).
+
+    Returns (of a call):
+        ``(images, targets)``: the mixed (B, C, H, W) images in their dtype and memory format, and float
+        (B, num_classes) targets; other call forms (a tuple, a dict sample) come back in their container.
+
+    Raises:
+        ValueError: a bad argument (named, with its valid range); labels outside [0, num_classes);
+            one label per image missing.
+        InputTypeError: images that are not a (B, C, H, W) tensor (a ``TypeError`` and a ``ValueError``).
+
+    Example:
+        >>> cutout = featmix.Cutout(size=0.5, generator=torch.Generator().manual_seed(0))
+        >>> images, labels = cutout(torch.ones(1, 3, 8, 8), torch.tensor([4]))
+        >>> int((images == 0).sum()), labels.tolist()
+        (48, [4])
     """
 
     def __init__(self, size: float = 0.5, prob: float = 1.0, num_classes: Optional[int] = None,
@@ -198,7 +283,38 @@ class Cutout(_BatchMix):
 
 class CutMixOrMixup(_BatchMix):
     """timm's recipe: each batch (or each sample, ``mode="elem"``) gets CutMix with chance ``switch_prob``,
-    else Mixup, each with its own alpha."""
+    else Mixup, each with its own alpha.
+
+    Args:
+        num_classes: the class count (may be None only for (B, K) soft labels).
+        cutmix_alpha: CutMix's lam ~ Beta(cutmix_alpha, cutmix_alpha).
+        mixup_alpha: Mixup's lam ~ Beta(mixup_alpha, mixup_alpha).
+        switch_prob: the chance of CutMix over Mixup.
+        prob: the chance a batch is mixed.
+        correct_lam: CutMix's label weight is the pasted area (True) or the drawn lam.
+        cutmix_minmax: timm's box-side range as fractions of each side.
+        label_smoothing: applied to the one-hot labels before mixing (``(1 - eps) * y + eps / K``).
+        generator: a CPU ``torch.Generator``; all randomness (gate, lam, box, permutation) comes from it.
+        inplace: mix the caller's tensor in place (the fastest path; a leaf that requires grad is an error).
+        mode: ``"batch"`` (one draw for the batch, the paper's), ``"elem"`` or ``"pair"`` (per sample, timm's).
+        labels_getter: where the labels are in a sample (torchvision's ``"default"`` heuristic, a callable,
+            or None).
+
+    Returns (of a call):
+        ``(images, targets)``: the mixed (B, C, H, W) images in their dtype and memory format, and float
+        (B, num_classes) targets; other call forms (a tuple, a dict sample) come back in their container.
+
+    Raises:
+        ValueError: a bad argument (named, with its valid range); labels outside [0, num_classes);
+            one label per image missing.
+        InputTypeError: images that are not a (B, C, H, W) tensor (a ``TypeError`` and a ``ValueError``).
+
+    Example:
+        >>> mix = featmix.CutMixOrMixup(num_classes=4, generator=torch.Generator().manual_seed(0))
+        >>> images, targets = mix(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+        >>> mix.last_mix.kind in ("cutmix", "mixup")
+        True
+    """
 
     def __init__(self, num_classes: Optional[int] = None, cutmix_alpha: float = 1.0, mixup_alpha: float = 1.0,
                  switch_prob: float = 0.5, prob: float = 1.0, label_smoothing: float = 0.0,
@@ -215,7 +331,31 @@ def from_timm_args(mixup_alpha: float = 1.0, cutmix_alpha: float = 0.0,
                    mode: str = "batch", correct_lam: bool = True, label_smoothing: float = 0.1,
                    num_classes: int = 1000, generator: Optional[torch.Generator] = None) -> _BatchMix:
     """The featmix transform for ``timm.data.Mixup``'s arguments (same names and defaults, label
-    smoothing 0.1 included): CutMix, Mixup, or CutMixOrMixup when both alphas are > 0."""
+    smoothing 0.1 included): CutMix, Mixup, or CutMixOrMixup when both alphas are > 0.
+
+    Args:
+        mixup_alpha: Mixup's Beta parameter (0: no Mixup).
+        cutmix_alpha: CutMix's Beta parameter (0: no CutMix).
+        cutmix_minmax: CutMix's box-side range as fractions of each side (enables CutMix).
+        prob: the chance a batch is mixed.
+        switch_prob: the chance of CutMix over Mixup when both are on.
+        mode: ``"batch"``, ``"elem"`` or ``"pair"``.
+        correct_lam: CutMix's label weight is the pasted area.
+        label_smoothing: timm's ``smoothing`` (0.1 by default, as timm's).
+        num_classes: the class count.
+        generator: a CPU ``torch.Generator`` for the draws.
+
+    Returns:
+        A ``CutMix``, ``Mixup`` or ``CutMixOrMixup`` transform (``mixup_enabled = False`` turns it off,
+        as timm's ``train.py`` does at ``--mixup-off-epoch``).
+
+    Raises:
+        ValueError: neither alpha is > 0 and no ``cutmix_minmax``.
+
+    Example:
+        >>> type(featmix.from_timm_args(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=10)).__name__
+        'CutMixOrMixup'
+    """
     if cutmix_minmax is not None:
         cutmix_alpha = 1.0  # timm: a min/max box size enables CutMix and replaces its alpha
     common = dict(prob=prob, label_smoothing=label_smoothing, generator=generator, mode=mode)

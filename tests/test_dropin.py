@@ -156,7 +156,7 @@ def test_mixup_enabled_false_passes_through_with_timms_targets():
     (dict(mixup_alpha=0.0, cutmix_minmax=(0.2, 0.8)), featmix.CutMix, "cutmix"),
 ])
 def test_from_timm_args_maps_timms_names(kwargs, cls, kind):
-    t = featmix.CutMix.from_timm_args(num_classes=K, **kwargs)
+    t = featmix.from_timm_args(num_classes=K, **kwargs)
     assert type(t) is cls and t.sampler.kind == kind and t.label_smoothing == 0.1, "timm's defaults, smoothing 0.1"
     ref = timm.data.Mixup(num_classes=K, **kwargs)
     assert t.sampler.prob == ref.mix_prob and t.sampler.mode == ref.mode
