@@ -50,6 +50,13 @@ class MixRecord:
     samples got a box (the others were blended with their ``lam``). On the compiled path and for
     per-sample draws ``box``, ``lam`` and ``weight`` are tensors (per sample: ``box`` (B, 4),
     ``lam``/``weight`` (B,); no host sync).
+
+    Example:
+        >>> cutmix = featmix.CutMix(num_classes=2, variant="fixed_size", generator=torch.Generator().manual_seed(0))
+        >>> _ = cutmix(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]))
+        >>> record = cutmix.last_mix
+        >>> record.grid, record.lam, record.perm.tolist()
+        ((8, 8), 0.75, [1, 0])
     """
 
     layer: object

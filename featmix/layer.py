@@ -246,5 +246,17 @@ def _same_stride(image_hw: Tuple[int, int], grid: Tuple[int, int]) -> bool:
 
 
 def find_sites(model: nn.Module) -> list:
-    """The ``FeatureCutMix`` modules of ``model`` in registration order."""
+    """The ``FeatureCutMix`` modules of ``model`` in registration order.
+
+    Args:
+        model: any module.
+
+    Returns:
+        A list of its ``FeatureCutMix`` submodules (the candidates ``featmix.mixing`` chooses from).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), featmix.FeatureCutMix(label="a"))
+        >>> [site.label for site in featmix.find_sites(net)]
+        ['a']
+    """
     return [m for m in model.modules() if isinstance(m, FeatureCutMix)]
