@@ -280,7 +280,7 @@ class _TvViT(_Family):
         return ["conv_proj"] + [f"encoder.layers.{n}" for n, _ in self.model.encoder.layers.named_children()]
 
     def layout(self, name: str) -> dict:
-        if _within(name, "encoder") and name != "encoder.dropout":
+        if _within(name, "encoder"):
             side = int(self.model.image_size) // int(self.model.patch_size)
             prefix = 1 if getattr(self.model, "class_token", None) is not None else 0
             return {"grid": (side, side), "num_prefix_tokens": prefix}
@@ -328,7 +328,9 @@ class HFFamily:
     embedding's parameters that each prepend one token per entry of their dim 1 (class, distillation,
     register tokens); ``output_index``: the stem/stages return tuples whose element 0 holds the tokens;
     ``pad``: the image is padded to whole patches (grid sides rounded up); ``merging``: each stage but
-    the last ends with patch merging that halves the grid (rounding up).
+    the last ends with patch merging that halves the grid (rounding up); ``inner_nchw``: every module
+    of the model outputs NCHW maps (plain convolution nets), so any module name resolves; otherwise only
+    the stem and the stages do (ConvNeXt's layers, for one, permute to NHWC inside).
     """
 
     stem: str
@@ -338,12 +340,13 @@ class HFFamily:
     output_index: Optional[int] = None
     pad: bool = False
     merging: bool = False
+    inner_nchw: bool = False
 
 
 _TOKEN_PREFIX = ("cls_token", "distillation_token", "register_tokens")
 HF_FAMILIES: Dict[str, HFFamily] = {
-    "resnet": HFFamily("embedder", ("encoder.stages",)),
-    "regnet": HFFamily("embedder", ("encoder.stages",)),
+    "resnet": HFFamily("embedder", ("encoder.stages",), inner_nchw=True),
+    "regnet": HFFamily("embedder", ("encoder.stages",), inner_nchw=True),
     "convnext": HFFamily("embeddings", ("encoder.stages",)),
     "convnextv2": HFFamily("embeddings", ("encoder.stages",)),
     "vit": HFFamily("embeddings", ("layers", "encoder.layer", "encoder.layers"), tokens=True,
@@ -421,8 +424,8 @@ class _HF(_Family):
             raise self._unknown()
         names = self.names()
         if name not in names:
-            if not fam.tokens:
-                return {}  # NCHW families: convolution outputs (B, C, H, W)
+            if fam.inner_nchw:
+                return {}  # convolution nets: every output is (B, C, H, W)
             raise ValueError(f"layer={name!r}: the layout of this module of Hugging Face {type(self.model).__name__} "
                              f"is not declared (declared: {', '.join(names)}); use one of those or {_OVERRIDES}")
         if not fam.tokens:

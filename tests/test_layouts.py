@@ -124,6 +124,31 @@ def test_torchvision_swin_patch_conv_alone_is_nchw():
     check_layouts(tv_swin(), (32, 48), [spec])
 
 
+def test_cutmix_at_torchvision_swin_pastes_a_box_on_height_and_width():
+    from conftest import find_rectangle
+
+    model = tv_swin()
+    seen = []
+    model.features[2].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    wrapper = featmix.CutMixAt(model, layer="features.1", generator=torch.Generator().manual_seed(0))
+    images, labels = torch.randn(4, 3, 32, 48), torch.tensor([0, 1, 2, 3])
+    wrapper.train()
+    for _ in range(10):  # until a batch is mixed with a box smaller than the map
+        wrapper(images, labels)
+        record = wrapper.last_mix
+        if record is not None and 0 < record.lam < 1:
+            break
+    assert record is not None and tuple(record.grid) == (8, 12)  # the box is drawn on H x W = 8 x 12
+    wrapper.eval()
+    wrapper(images)
+    mixed, plain = seen[-2], seen[-1]  # (B, H, W, C): NHWC
+    changed = (mixed != plain).any(-1)  # per sample, which (h, w) cells changed, over all channels
+    boxes = {find_rectangle(changed[b]) for b in range(4) if changed[b].any()}
+    assert len(boxes) == 1 and None not in boxes  # one box, the same for the batch, on (H, W)
+    whole = (mixed != plain)[changed]
+    assert whole.all()  # every channel of a pasted cell changed: the box does not cut through C
+
+
 # -- b: timm MLP-Mixer's patch embedding is `stem` -------------------------------------------------------
 
 
@@ -236,6 +261,13 @@ def test_hf_grid_fn_pickles():
 def test_hf_undeclared_token_module_names_the_overrides():
     with pytest.raises(ValueError, match=r"layout=, grid=, num_prefix_tokens="):
         featmix.resolve_layers(hf_model("vit"), "vit.layers.0.mlp")
+
+
+def test_hf_names_inside_layers_resolve_only_where_declared():
+    (spec,) = featmix.resolve_layers(hf_model("resnet"), "resnet.encoder.stages.1.layers.0")  # a conv net: NCHW
+    check_layouts(hf_model("resnet"), (32, 48), [spec])
+    with pytest.raises(ValueError, match=r"not declared.*layout=, grid=, num_prefix_tokens="):
+        featmix.resolve_layers(hf_model("convnext"), "convnext.encoder.stages.0.layers.0.layernorm")  # NHWC inside
 
 
 def test_hf_undeclared_family_names_the_overrides():
