@@ -294,6 +294,9 @@ TIMM = {
     "resnet18": (_timm("resnet18"), SIZE),
     "convnext_atto": (_timm("convnext_atto"), SIZE),
     "convnext_atto/features_only": (lambda: timm.create_model("convnext_atto", features_only=True), SIZE),
+    "vit/features_only": (lambda: timm.create_model("vit_tiny_patch16_224", features_only=True, img_size=SIZE,
+                                                    depth=3), SIZE),
+    "mobilenetv3/features_only": (lambda: timm.create_model("mobilenetv3_small_050", features_only=True), SIZE),
     "swin/features_only": (lambda: timm.create_model(
         "swin_tiny_patch4_window7_224", features_only=True, img_size=SIZE, window_size=4, embed_dim=16,
         depths=(1, 1, 1), num_heads=(1, 1, 1)), SIZE),
