@@ -31,7 +31,7 @@ from torch import nn
 LayerSpec = Union[int, str, Sequence[Union[int, str]], None]
 
 _STEM_NAMES = ("act1", "bn1", "stem", "patch_embed", "relu")
-_OVERRIDES = "pass the layout yourself (layout=, grid=, num_prefix_tokens=)"
+_OVERRIDES = "give the layout yourself (layout=, grid=, num_prefix_tokens=)"
 
 
 @dataclass(frozen=True)
@@ -353,6 +353,10 @@ HF_FAMILIES: Dict[str, HFFamily] = {
                     prefix_params=_TOKEN_PREFIX),
     "deit": HFFamily("embeddings", ("layers", "encoder.layer", "encoder.layers"), tokens=True,
                      prefix_params=_TOKEN_PREFIX),
+    "dinov2": HFFamily("embeddings", ("encoder.layer", "encoder.layers", "layers"), tokens=True,
+                       prefix_params=_TOKEN_PREFIX),
+    "dinov2_with_registers": HFFamily("embeddings", ("encoder.layer", "encoder.layers", "layers"), tokens=True,
+                                      prefix_params=_TOKEN_PREFIX),
     "swin": HFFamily("embeddings", ("encoder.layers",), tokens=True, output_index=0, pad=True, merging=True),
 }
 

@@ -220,6 +220,17 @@ def hf_model(kind: str) -> nn.Module:
     if kind == "swin":
         return T.SwinForImageClassification(T.SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1, 1],
                                                          num_heads=[1, 1, 2], window_size=2, num_labels=5))
+    if kind == "dinov2":
+        return T.Dinov2ForImageClassification(T.Dinov2Config(**VIT_KW))
+    if kind == "dinov2_registers":
+        return T.Dinov2WithRegistersForImageClassification(T.Dinov2WithRegistersConfig(num_register_tokens=3,
+                                                                                       **VIT_KW))
+    if kind == "convnext_backbone":
+        return T.ConvNextBackbone(T.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                                   out_features=["stage1", "stage2"]))
+    if kind == "swin_backbone":
+        return T.SwinBackbone(T.SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2],
+                                           window_size=2, out_features=["stage1", "stage2"]))
     if kind == "resnet_backbone":
         return T.ResNetBackbone(T.ResNetConfig(hidden_sizes=[8, 16], depths=[1, 1], embedding_size=8,
                                                out_features=["stage1", "stage2"]))
@@ -240,6 +251,15 @@ def test_hf_prefix_tokens_come_from_the_model():
     deit = featmix.resolve_layers(hf_model("deit"), [1, 2, 3])
     assert [s.num_prefix_tokens for s in deit] == [2, 2, 2]
     assert deit[0].grid == (4, 4)
+
+
+def test_hf_register_tokens_count_as_prefix():
+    assert [s.num_prefix_tokens for s in index_sites(hf_model("dinov2_registers"))] == [4, 4, 4]  # class + 3
+
+
+def test_hf_vit_grid_follows_the_image_with_interpolated_positions():
+    model = hf_model("vit")
+    assert check_layouts(model, (48, 32), index_sites(model), interpolate_pos_encoding=True) == [(6, 4)] * 3
 
 
 def test_hf_swin_layers_return_tuples_whose_first_element_is_tokens():
@@ -346,8 +366,9 @@ TORCHVISION = {
 }
 TORCHVISION_SLOW = {"efficientnet_b0"}
 
-HF = {kind: (lambda kind=kind: hf_model(kind), (32, 48) if kind in ("resnet", "convnext", "swin") else (32, 32))
-      for kind in ("resnet", "convnext", "vit", "deit", "swin", "resnet_backbone")}
+HF = {kind: (lambda kind=kind: hf_model(kind), (32, 32) if kind in ("vit", "deit") else (32, 48))
+      for kind in ("resnet", "convnext", "vit", "deit", "swin", "dinov2", "dinov2_registers", "resnet_backbone",
+                   "convnext_backbone", "swin_backbone")}
 
 
 def _params(table, slow=()):
