@@ -247,8 +247,12 @@ class _TimmFeatures(_Timm):
 # -- torchvision ------------------------------------------------------------------------------------
 
 def _tv_class(model: nn.Module) -> Optional[str]:
-    mod = type(model).__module__
-    return type(model).__name__ if mod.startswith("torchvision.models.") and ".video." not in mod else None
+    """The torchvision image classifier class the model is (or subclasses), by name."""
+    for cls in type(model).__mro__:
+        mod = cls.__module__
+        if mod.startswith("torchvision.models.") and ".video." not in mod and cls.__name__ in _TV_FAMILIES:
+            return cls.__name__
+    return None
 
 
 class _TvSwin(_Family):
@@ -362,8 +366,9 @@ HF_FAMILIES: Dict[str, HFFamily] = {
 
 
 def _is_hf(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("transformers.") and hasattr(getattr(model, "config", None),
-                                                                           "model_type")
+    """A Hugging Face transformers model (or a subclass of one) with a config that names its family."""
+    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__) and isinstance(
+        getattr(getattr(model, "config", None), "model_type", None), str)
 
 
 class _HF(_Family):
@@ -452,7 +457,7 @@ def _family(model: nn.Module) -> _Family:
     if _is_hf(model):
         return _HF(model)
     tv = _tv_class(model)
-    if tv in _TV_FAMILIES:
+    if tv is not None:
         return _TV_FAMILIES[tv](model)
     if _TimmFeatures.applies(model):
         return _TimmFeatures(model)

@@ -118,6 +118,18 @@ def test_torchvision_swin_indices_are_stem_then_stages(swin_t):
     assert grids == [(8, 16), (8, 16), (4, 8), (2, 4), (1, 2)]
 
 
+def test_subclasses_of_library_models_keep_their_family():
+    class MySwin(torchvision.models.SwinTransformer):
+        pass
+
+    class MyViT(transformers.ViTForImageClassification):
+        pass
+
+    swin = MySwin(patch_size=[4, 4], embed_dim=12, depths=[1, 1], num_heads=[1, 1], window_size=[2, 2], num_classes=3)
+    assert featmix.resolve_layers(swin, 2)[0].hw_dims == (1, 2)
+    assert featmix.resolve_layers(MyViT(transformers.ViTConfig(**VIT_KW)), 2)[0].num_prefix_tokens == 1
+
+
 def test_torchvision_swin_patch_conv_alone_is_nchw():
     (spec,) = featmix.resolve_layers(tv_swin(), "features.0.0")
     assert spec.hw_dims == (-2, -1)
