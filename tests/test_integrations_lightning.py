@@ -95,7 +95,7 @@ def test_resumed_run_continues_the_draw_stream_bit_for_bit(tmp_path, one_thread)
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=False)["callbacks"]
     (saved,) = [v for k, v in state.items() if "CutMixCallback" in k]
-    assert saved["sampler"] == {"step": 4} and 0 in saved["generators"]
+    assert saved["sampler"]["step"] == 4 and 0 in saved["generators"]
     resumed, resumed_callback, _ = _fit(tmp_path / "resumed", 3, seed=99, ckpt=str(ckpt))  # another seed: restored
     assert resumed_callback.transform.sampler.step == 12
     assert len(full.seen) == 12 and len(first.seen) == 4 and len(resumed.seen) == 8

@@ -92,6 +92,18 @@ def test_input_level_loss_is_soft_ce_on_the_mixed_targets(tmp_path, one_thread):
     assert torch.allclose(loss, -(targets * torch.log_softmax(logits, -1)).sum(-1).mean(), atol=1e-6)
 
 
+def _feature_mixes(trainer, model, data: Images, grid):
+    """Several training losses on one batch: each mixes at the layer, on its grid (some draws paste a box)."""
+    model.train()
+    records = []
+    for _ in range(6):
+        loss = trainer.compute_loss(model, {"pixel_values": data.images[:4], "labels": data.labels[:4]})
+        assert torch.isfinite(loss)
+        records.append(model.last_mix)
+    assert all(r is not None and tuple(r.grid) == grid for r in records)
+    assert any(r.lam < 1 for r in records)
+
+
 def test_feature_level_cutmix_at_train_then_evaluate(tmp_path, one_thread):
     torch.manual_seed(0)
     inner = T.ResNetForImageClassification(T.ResNetConfig(hidden_sizes=[8, 16], depths=[1, 1], embedding_size=8,
@@ -100,8 +112,8 @@ def test_feature_level_cutmix_at_train_then_evaluate(tmp_path, one_thread):
     data = Images()
     trainer = CutMixTrainer(model=model, args=_args(tmp_path), train_dataset=data, eval_dataset=data)
     result = trainer.train()  # remove_unused_columns keeps pixel_values (the wrapped model's input) and labels
-    assert result.global_step == 3
-    assert model.last_mix is not None and model.last_mix.lam < 1
+    assert result.global_step == 3 and model.last_mix is not None
+    _feature_mixes(trainer, model, data, (4, 4))  # after stage 1 of a 16 x 16 image: stride 4
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] == pytest.approx(_plain_eval_loss(inner, data), rel=1e-5)
 
@@ -110,12 +122,13 @@ def test_feature_level_cutmix_at_train_then_evaluate(tmp_path, one_thread):
                                        "return tuples)")
 def test_feature_level_hf_swin_stage(tmp_path, one_thread):
     torch.manual_seed(0)
-    inner = T.SwinForImageClassification(T.SwinConfig(image_size=16, patch_size=4, embed_dim=8, depths=[1, 1],
+    inner = T.SwinForImageClassification(T.SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1],
                                                       num_heads=[1, 2], window_size=2, num_labels=3))
     model = featmix.CutMixAt(inner, layer=2, generator=torch.Generator().manual_seed(0))
-    trainer = CutMixTrainer(model=model, args=_args(tmp_path), train_dataset=Images())
+    data = Images(size=32)
+    trainer = CutMixTrainer(model=model, args=_args(tmp_path), train_dataset=data)
     trainer.train()
-    assert model.last_mix is not None and model.last_mix.lam < 1
+    _feature_mixes(trainer, model, data, (4, 4))  # stage 1 ends with patch merging: 32 / 4 / 2
 
 
 @pytest.mark.xfail(strict=True, reason="needs core: CutMixAt.forward(images=None, labels=None, *, pixel_values=None, "

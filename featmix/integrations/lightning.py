@@ -142,5 +142,6 @@ class CutMixCallback(pl.Callback):
                              f"{self.rank}: resume with the same number of processes")
         if state_dict.get("seed") is not None:
             self.seed = state_dict["seed"]
-        self.generator.set_state(generators[self.rank])
-        self.transform.sampler.load_state_dict(state_dict["sampler"])
+        self.transform.sampler.load_state_dict(state_dict["sampler"])  # the step (and rank 0's draw state, if kept)
+        self.generator.set_state(generators[self.rank])  # then this rank's own draw state
+        self.transform.sampler.generator = self.generator
