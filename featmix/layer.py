@@ -70,6 +70,7 @@ class FeatureCutMix(nn.Module):
         self.label = label
         self.num_chs: Optional[int] = None      # channels the map must have (from timm feature_info)
         self.grid_fn: Optional[GridFn] = None   # token grid for an input size (dynamic-size ViTs)
+        self.square_tokens = True               # no grid: tokens lie on a square (a hand-built layer's default)
         self._driver = None                     # the pass that arms this site (``arming.MixPass``)
         self._buf: Optional[Tensor] = None      # the draw on the device, storage kept across steps
         self._scales_checked: set = set()       # (image hw, map hw) pairs known to scale alike
@@ -183,11 +184,12 @@ class FeatureCutMix(nn.Module):
         if grid is not None and grid[0] * grid[1] == n:
             return grid
         side = math.isqrt(n)
-        if grid is None and side * side == n:
+        if grid is None and self.square_tokens and side * side == n:
             return side, side
-        raise ValueError(f"cannot lay {n} tokens (after {self.num_prefix_tokens} prefix tokens) on "
-                         f"{'the grid ' + str(grid) if grid else 'a square grid'} at {self._name()}: pass grid=(h, w) "
-                         f"or num_prefix_tokens= to FeatureCutMix")
+        where = "the grid " + str(grid) if grid else ("a square grid" if self.square_tokens else "a grid")
+        raise ValueError(f"cannot lay {n} tokens (after {self.num_prefix_tokens} prefix tokens) on {where} at "
+                         f"{self._name()}: the model does not declare this layer's token grid; pass grid=(h, w), "
+                         f"num_prefix_tokens= or layout= (to CutMixAt, or grid=/num_prefix_tokens= to FeatureCutMix)")
 
     def _check_scale(self, image_hw: Optional[Tuple[int, int]], grid: Tuple[int, int]) -> None:
         """The grid must scale like the image: one stride for both sides (each side the floor or ceil of
@@ -256,7 +258,8 @@ def find_sites(model: nn.Module) -> list:
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), featmix.FeatureCutMix(label="a"))
-        >>> [site.label for site in featmix.find_sites(net)]
-        ['a']
+        >>> sites = featmix.find_sites(net)
+        >>> len(sites), sites[0].label
+        (1, 'a')
     """
     return [m for m in model.modules() if isinstance(m, FeatureCutMix)]

@@ -134,6 +134,7 @@ class CutMixAt(nn.Module):
         site = FeatureCutMix(hw_dims=spec.hw_dims, num_prefix_tokens=spec.num_prefix_tokens, grid=spec.grid,
                              label=spec.label)
         site.num_chs, site.grid_fn = spec.num_chs, spec.grid_fn
+        site.square_tokens = False  # a resolved layer's token grid comes from the model or layout=/grid=, never a guess
         if spec.module_name is None:
             self._input_site = site
         else:
@@ -392,7 +393,11 @@ def _untrainable(output: Any) -> Any:
 
 
 def _first_tensor(output: Any) -> Tensor:
-    """The logits: the output itself, or the first tensor of a tuple/list/dict output."""
+    """The logits: the output itself, its ``logits`` (Hugging Face outputs), or the first tensor of a
+    tuple/list/dict output."""
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
     items = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else [output]
     for item in items:
         if isinstance(item, Tensor):

@@ -391,3 +391,46 @@ def test_sampler_state_dict_continues_the_draw_stream():
     assert all(torch.equal(resumed(X, Y)[1], t) for t in later)
     with pytest.raises(ValueError, match="pass generator=torch.Generator"):
         featmix.MixSampler().load_state_dict(state)
+
+
+# -- what the wrapper reads from a model's output and layout ---------------------------------------------------
+
+class PatchTokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 4, stride=4)
+
+    def forward(self, x):
+        return self.conv(x).flatten(2).transpose(1, 2)
+
+
+class Tokens(nn.Module):
+    """16 tokens of a 16 x 16 image (a grid the model does not declare), then a head; a dict output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = PatchTokens()
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        tokens = self.embed(x)
+        return {"loss": tokens.sum() * 0, "logits": self.head(tokens.mean(1))}
+
+
+def test_a_resolved_token_layer_without_a_declared_grid_is_an_error_and_grid_fixes_it():
+    w = featmix.CutMixAt(Tokens(), layer="embed", num_classes=5, generator=gen(0)).train()
+    with pytest.raises(ValueError, match="does not declare this layer's token grid; pass grid="):
+        w(X, Y)
+    w = featmix.CutMixAt(Tokens(), layer="embed", num_classes=5, grid=(4, 4), generator=gen(0)).train()
+    w(X, Y)
+    assert w.last_mix.grid == (4, 4)
+    w = featmix.CutMixAt(Tokens(), layer="embed", num_classes=5, grid=(2, 8), generator=gen(0)).train()
+    with pytest.raises(ValueError, match="does not scale like the 16x16 input"):
+        w(X, Y)
+
+
+def test_the_logits_of_a_dict_output_are_its_logits_not_its_first_tensor():
+    w = featmix.CutMixAt(Tokens(), layer=0, num_classes=5, generator=gen(0)).train()
+    out, targets = w(X, Y)
+    assert targets.shape == out["logits"].shape == (4, 5)

@@ -118,8 +118,6 @@ def test_feature_level_cutmix_at_train_then_evaluate(tmp_path, one_thread):
     assert metrics["eval_loss"] == pytest.approx(_plain_eval_loss(inner, data), rel=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="needs core: CutMixAt honouring SiteSpec.output_index (HF Swin layers "
-                                       "return tuples)")
 def test_feature_level_hf_swin_stage(tmp_path, one_thread):
     torch.manual_seed(0)
     inner = T.SwinForImageClassification(T.SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1],
@@ -131,8 +129,6 @@ def test_feature_level_hf_swin_stage(tmp_path, one_thread):
     _feature_mixes(trainer, model, data, (4, 4))  # stage 1 ends with patch merging: 32 / 4 / 2
 
 
-@pytest.mark.xfail(strict=True, reason="needs core: CutMixAt.forward(images=None, labels=None, *, pixel_values=None, "
-                                       "**model_kwargs)")
 def test_feature_level_passes_other_model_inputs(tmp_path, one_thread):
     torch.manual_seed(0)
     inner = T.ViTForImageClassification(T.ViTConfig(**VIT))
