@@ -156,6 +156,22 @@ class CutMixAt(nn.Module):
         super().__setstate__(state)
         self._watch_hooks()
 
+    @classmethod
+    def from_timm_args(cls, model: nn.Module, layer: LayerSpec = 2, **timm_mixup_args: Any) -> "CutMixAt":
+        """``CutMixAt(model, layer)`` from timm ``Mixup``'s arguments, with timm's defaults (label smoothing 0.1).
+
+        Args:
+            model: the model to wrap.
+            layer: where to mix (``layer=`` of ``CutMixAt``).
+            **timm_mixup_args: ``mixup_alpha``, ``cutmix_alpha``, ``cutmix_minmax``, ``prob``, ``switch_prob``,
+                ``mode``, ``correct_lam``, ``label_smoothing``, ``num_classes``, ``generator``.
+
+        Returns:
+            The wrapper (``featmix.integrations.timm.cutmix_at_from_timm_args`` documents the mapping).
+        """
+        from .integrations.timm import cutmix_at_from_timm_args  # needs timm, as its caller does
+        return cutmix_at_from_timm_args(model, layer=layer, **timm_mixup_args)
+
     @property
     def sites(self) -> List[FeatureCutMix]:
         """The candidate mixing layers, in the order of ``layer=``."""

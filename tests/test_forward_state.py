@@ -434,3 +434,10 @@ def test_the_logits_of_a_dict_output_are_its_logits_not_its_first_tensor():
     w = featmix.CutMixAt(Tokens(), layer=0, num_classes=5, generator=gen(0)).train()
     out, targets = w(X, Y)
     assert targets.shape == out["logits"].shape == (4, 5)
+
+
+def test_cutmixat_from_timm_args_uses_timms_names_and_defaults():
+    w = featmix.CutMixAt.from_timm_args(TinyNet(num_classes=5), layer=2, mixup_alpha=0.0, cutmix_alpha=1.0)
+    assert w.sampler.kind == "cutmix" and w.label_smoothing == 0.1 and w.num_classes == 5
+    both = featmix.CutMixAt.from_timm_args(TinyNet(num_classes=5), mixup_alpha=0.8, cutmix_alpha=1.0)
+    assert both.sampler.kind == "cutmix_or_mixup" and both.sampler.mixup_alpha == 0.8
