@@ -272,6 +272,8 @@ class Machine(RuleBasedStateMachine):
             shared = [n for (n, p), q in zip(original.named_parameters(), clone.parameters())
                       if p.data_ptr() == q.data_ptr()]
             assert not shared, f"[{world.name}] the copy shares parameters with the original: {shared}"
+            own_generator = clone.sampler.generator is not original.sampler.generator
+            assert own_generator, f"[{world.name}] the copy shares its sampler's generator with the original"
             clone.train()
             out_c, targets_c = clone(x, y)
             rec_c = clone.last_mix
