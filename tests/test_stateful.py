@@ -23,6 +23,7 @@ gradients are copied over and the sequence goes on.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Dict, List, Optional, Tuple
 
 import pytest
@@ -400,3 +401,50 @@ TestStatefulReentrant = _case(True, examples(15), 12)
 TestStatefulNonReentrant = _case(False, examples(15), 12)
 TestStatefulReentrantSlow = pytest.mark.slow(_case(True, max(150, examples(15)), 30))
 TestStatefulNonReentrantSlow = pytest.mark.slow(_case(False, max(150, examples(15)), 30))
+
+
+# -- named sequences: the machine's rules run in fixed orders, one contract each ----------------------------
+# (the shortest sequences the machine found or that state one rule of the DESIGN; no shrinking needed, so a
+# failure here names its contract directly)
+A, B = 0, 1  # wrapper 0 mixes after blocks.0 or blocks.1 (one chosen per batch); wrapper 1 after blocks.1, per sample
+SEQUENCES = {
+    "one forward, one backward, twice": [("wrapper_forward", A, 1), ("backward_one", 0), ("wrapper_forward", A, 2),
+                                         ("backward_one", 0)],
+    "two forwards, then the first's backward": [("wrapper_forward", A, 1), ("wrapper_forward", A, 2),
+                                                ("backward_one", 0)],
+    "two forwards, backwards newest first": [("wrapper_forward", A, 1), ("wrapper_forward", A, 2),
+                                             ("backward_one", 1), ("backward_one", 0)],
+    "forwards of two wrappers on one model, then the first's backward": [
+        ("wrapper_forward", A, 1), ("wrapper_forward", B, 2), ("backward_one", 0)],
+    "a wrapper forward, then the inner model's forward and backward": [
+        ("wrapper_forward", B, 1), ("inner_forward", 0, 2), ("backward_one", 1)],
+    "a wrapper's forward and backward, then the inner model's": [
+        ("wrapper_forward", B, 1), ("backward_one", 0), ("inner_forward", 0, 2), ("backward_one", 0)],
+    "a forward, a forward that raises, then the first's backward": [
+        ("wrapper_forward", A, 1), ("raising_forward", A, 2), ("backward_one", 0)],
+    "a forward that raises, then the inner model alone": [
+        ("raising_forward", A, 1), ("inner_forward", 0, 2), ("backward_one", 0)],
+    "a first training call in inference_mode, then training": [
+        ("first_call", "wrapper train forward", 0), ("wrapper_forward", A, 1), ("backward_one", 0)],
+    "a first eval call in inference_mode, then training": [
+        ("first_call", "wrapper eval forward", 0), ("wrapper_forward", A, 1), ("backward_one", 0)],
+    "deepcopy a wrapper, train the copy": [("deepcopy_then_train", A, 1), ("backward_one", 0), ("backward_one", 0)],
+    "two wrappers' forwards, one backward of their sum (RuntimeError allowed)": [
+        ("wrapper_forward", A, 1), ("wrapper_forward", B, 2), ("backward_sum", 0, 1)],
+}
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("name", list(SEQUENCES), ids=[re.sub(r"\W+", "_", n).strip("_") for n in SEQUENCES])
+def test_sequence(name: str, use_reentrant: bool) -> None:
+    """One named sequence of the machine's steps, plain vs checkpointed world, all checks of the machine."""
+    machine = type("Sequence", (Machine,), {"USE_REENTRANT": use_reentrant})()
+    steps = SEQUENCES[name]
+    try:
+        if steps[0][0] != "first_call":
+            machine.first_call("none", 0)
+        for op, *args in steps:
+            getattr(machine, op)(*args)
+            machine.worlds_agree()
+    finally:
+        machine.teardown()
