@@ -2,12 +2,36 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from torch import nn
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Hypothesis profiles (tests/test_oracle.py, tests/test_stateful.py). "ci": derandomized (the same examples
+# every run, so a red CI is reproducible), no deadline (shared CPU cores), a few hundred examples over the
+# whole suite. "slow": ten times as many examples, random, for the tests marked slow (``pytest -m slow``).
+# Property tests size themselves with ``examples(n)``: n under "ci", 10 n under "slow".
+# HYPOTHESIS_PROFILE=<name> overrides the choice.
+_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=100, print_blob=True,
+                          suppress_health_check=_QUIET)
+settings.register_profile("slow", derandomize=False, deadline=None, max_examples=1000, print_blob=True,
+                          suppress_health_check=_QUIET)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    markexpr = config.getoption("markexpr", "") or ""
+    selects_slow = re.search(r"(?<!not )\bslow\b", markexpr) is not None
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("slow" if selects_slow else "ci"))
+
+
+def examples(n: int) -> int:
+    """A property test's example count: ``n`` under the "ci" profile, scaled with the loaded profile."""
+    return max(1, n * settings().max_examples // 100)
 
 
 def constant_images(batch: int, h: int, w: int, channels: int = 3, dtype=torch.float32) -> torch.Tensor:
