@@ -78,7 +78,7 @@ class MixForward:
     """
 
     __slots__ = ("draw", "chosen", "image_hw", "device", "_buf", "_version", "_own", "record", "bound",
-                 "released_by")
+                 "released_by", "replays", "watched")
 
     def __init__(self, draw: MixDraw, chosen: Optional[FeatureCutMix], image_hw: Optional[Tuple[int, int]],
                  device: torch.device, buf: Optional[Tensor]) -> None:
@@ -89,6 +89,8 @@ class MixForward:
         self.record: Optional[Placement] = None
         self.bound = False                          # its backward has started at least once
         self.released_by: Set[int] = set()         # ids of sites an unarmed forward ran through since
+        self.replays: Set[Tuple[int, int]] = set()  # (graph task, site id) where it was replayed
+        self.watched = False                        # an output of it will bind its backward
 
     def tensors(self, device: torch.device, own: bool) -> Tensor:
         """The packed draw on ``device`` (``transfer.load_draw`` layout); a private copy when ``own``."""
@@ -103,6 +105,11 @@ class MixForward:
 
     def unpack(self, batch: int, device: torch.device, own: bool) -> Tuple[Tensor, Tensor, Tensor]:
         return unpack_draw(self.tensors(device, own), batch)
+
+
+# graph task id -> (scope, forward) of every forward whose backward runs in that task, over all passes; the
+# scope is the model the passes' sites hook into (two wrappers on one model share it)
+_TASKS: Dict[int, List[Tuple[int, "MixForward"]]] = {}
 
 
 class _BindBackward:
@@ -127,6 +134,7 @@ class MixPass:
     def _reset(self) -> None:
         # Read by compiled graphs: the same few Python values from batch to batch.
         self.live = False
+        self.scope = id(self)                      # the model the sites hook into (set by ``begin``)
         self.chosen: Optional[FeatureCutMix] = None
         self.batch = 0
         self.image_hw: Optional[Tuple[int, int]] = None
@@ -135,7 +143,6 @@ class MixPass:
         # Per forward: the live one, the latest finished one, and the backwards running now.
         self.current: Optional[MixForward] = None
         self.last: Optional[MixForward] = None
-        self._bound: Dict[int, List[MixForward]] = {}
 
     def __getstate__(self) -> dict:
         """Copies (deepcopy, pickle, spawn, EMA) start with no forward in flight and share nothing."""
@@ -146,8 +153,14 @@ class MixPass:
         self._reset()
 
     # -- one forward --------------------------------------------------------------------------------
-    def begin(self, draw: MixDraw, device: torch.device, image_hw: Optional[Tuple[int, int]] = None) -> None:
-        """Arm the site the draw chose (none when the batch is unmixed) and go live."""
+    def begin(self, draw: MixDraw, device: torch.device, image_hw: Optional[Tuple[int, int]] = None,
+              scope: Optional[object] = None) -> None:
+        """Arm the site the draw chose (none when the batch is unmixed) and go live.
+
+        ``scope``: the model the sites hook into; passes of one scope (two wrappers on one model) see each
+        other's forwards when they tell recomputations apart.
+        """
+        self.scope = id(self) if scope is None else id(scope)
         chosen = self.sites[draw.site] if draw.mixed else None
         buf = None
         if chosen is not None:
@@ -208,32 +221,41 @@ class MixPass:
             if node is not None and id(node) not in seen:
                 seen.add(id(node))
                 node.register_prehook(hook)
+        fwd.watched = bool(seen)
 
     def _bind(self, task: int, fwd: MixForward) -> None:
-        forwards = self._bound.get(task)
-        if forwards is None:
-            forwards = self._bound[task] = []
-            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._bound.pop(task, None))
-        if fwd not in forwards:
-            forwards.append(fwd)
+        entries = _TASKS.get(task)
+        if entries is None:
+            entries = _TASKS[task] = []
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: _TASKS.pop(task, None))
+        if all(f is not fwd for _, f in entries):
+            entries.append((self.scope, fwd))
         fwd.bound = True
 
     # -- asked by the sites -------------------------------------------------------------------------
     def replay_for(self, site: FeatureCutMix) -> Optional[MixForward]:
         """During backward: the finished forward whose recomputation this is, if ``site`` mixed in it."""
-        forwards = self._bound.get(torch._C._current_graph_task_id())
-        if forwards is None:  # a backward no watched output led to: only the latest forward, if untouched
+        task = torch._C._current_graph_task_id()
+        entries = _TASKS.get(task)
+        if entries is None:
+            # No watched output led here. The latest forward replays only when its output could not be watched
+            # (``mixing`` over a list of sites, or a forward that never called the model) and nothing since ran
+            # through the site; a watched forward's backward would have bound it.
             fwd = self.last
-            if fwd is None or fwd.bound or id(site) in fwd.released_by or fwd.chosen is not site:
+            if fwd is None or fwd.watched or fwd.bound or id(site) in fwd.released_by or fwd.chosen is not site:
                 return None
             return fwd
+        forwards = [f for scope, f in entries if scope == self.scope]  # those that ran through this model
         if all(f.chosen is not site for f in forwards):
             return None
-        if len(forwards) > 1:
+        replayed = (task, id(site)) in forwards[0].replays  # a second graph through this site in this backward
+        if len(forwards) > 1 or replayed:
             raise RuntimeError(f"activation checkpointing recomputes {site._name()} in one backward that runs through "
-                               f"{len(forwards)} training forwards of the same model, and a recomputation cannot tell "
-                               f"which forward's mix it replays: run backward once per checkpointed training forward "
-                               f"(sum the losses of several forwards only without checkpointing)")
+                               f"several forwards of the same model (training forwards of one wrapper or several, or "
+                               f"a plain forward), and a recomputation cannot tell which forward's mix it replays: run "
+                               f"backward once per checkpointed training forward (sum the losses of several forwards "
+                               f"only without checkpointing)")
+        forwards[0].replays.add((task, id(site)))
         return forwards[0]
 
     def release(self, site: FeatureCutMix) -> None:
@@ -346,7 +368,8 @@ def mixing(model: Union[nn.Module, Sequence[FeatureCutMix]], labels: Tensor, num
     check_labels(labels, num_classes, None)
     sampler = sampler if sampler is not None else MixSampler()
     mix = _pass_for(sites)
-    mix.begin(sampler.draw(labels.shape[0], len(sites)), labels.device)
+    mix.begin(sampler.draw(labels.shape[0], len(sites)), labels.device,
+              scope=model if isinstance(model, nn.Module) else None)
     outputs: List[Any] = []
     handle = model.register_forward_hook(lambda m, i, o: outputs.append(o)) if isinstance(model, nn.Module) else None
     batch = MixedBatch()

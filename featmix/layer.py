@@ -93,21 +93,21 @@ class FeatureCutMix(nn.Module):
     def mix(self, x: Tensor) -> Tensor:
         """``x`` mixed when the pass driving this site says so (see ``featmix.arming``), else ``x``."""
         driver = self._driver
-        if driver is None or not self.training:
+        if driver is None:
             return x
         if _is_compiling():  # traced inside the live forward; recomputation happens inside the graph
-            if not driver.live or driver.chosen is not self:
+            if not self.training or not driver.live or driver.chosen is not self:
                 return x
             return self._on_spatial(x, driver.image_hw, self._paste_traced)
         if driver.live:
-            if driver.chosen is not self:
+            if driver.chosen is not self or not self.training:
                 return x
             if driver.record is not None:
                 raise RuntimeError(f"the mixing layer {self._name()} ran twice in one forward pass; CutMix mixes "
                                    f"once per batch: choose a module that runs once (a module reused in several "
                                    f"places is not a layer position)")
             return self._on_spatial(x, driver.image_hw, self._paste_new)
-        if _in_backward():  # activation checkpointing recomputes a forward: replay that forward's mix
+        if _in_backward():  # checkpointing recomputes a forward: replay that forward's mix (eval mode since or not)
             fwd = driver.replay_for(self)
             if fwd is None:
                 return x

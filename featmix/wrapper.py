@@ -245,7 +245,7 @@ class CutMixAt(nn.Module):
         draw = self.sampler.draw(labels.shape[0], len(self._pass.sites))
         if draw.mixed and self._hooks:
             self._hooks[draw.site if self._input_site is None else draw.site - 1].ensure_attached(self.model)
-        self._pass.begin(draw, images.device, tuple(images.shape[-2:]) if images.dim() == 4 else None)
+        self._pass.begin(draw, images.device, tuple(images.shape[-2:]) if images.dim() == 4 else None, self.model)
 
     @_compiler_disable
     def _finish(self, labels: Tensor, output: Any) -> Tensor:

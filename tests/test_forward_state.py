@@ -441,3 +441,35 @@ def test_cutmixat_from_timm_args_uses_timms_names_and_defaults():
     assert w.sampler.kind == "cutmix" and w.label_smoothing == 0.1 and w.num_classes == 5
     both = featmix.CutMixAt.from_timm_args(TinyNet(num_classes=5), mixup_alpha=0.8, cutmix_alpha=1.0)
     assert both.sampler.kind == "cutmix_or_mixup" and both.sampler.mixup_alpha == 0.8
+
+
+@pytest.mark.parametrize("plain_first", [True, False], ids=["plain_then_wrapper", "wrapper_then_plain"])
+def test_one_backward_of_a_wrapper_forward_and_a_plain_forward_is_exact_or_an_error(plain_first):
+    """Through reentrant checkpoints the two recomputations of the site may be told apart (autograd reaches
+    the plain forward's segments before the wrapper's output binds its forward) or not: exact, or loud."""
+    def steps(model, wrapper):
+        losses = [F.cross_entropy(model(X), Y) if step == "plain" else F.cross_entropy(*wrapper(X, Y))
+                  for step in (("plain", "wrapper") if plain_first else ("wrapper", "plain"))]
+        (losses[0] + losses[1]).backward()
+
+    def make(model):
+        return featmix.CutMixAt(model, layer="blocks.1", variant="fixed_size", generator=gen(0)).train()
+    want = one_step_grads(Blocks(), make, steps)
+    try:
+        got = one_step_grads(Blocks(True), make, steps)
+    except RuntimeError as error:
+        assert "several forwards of the same model" in str(error)
+        return
+    assert rel_diff(got, want) < 1e-5
+
+
+def test_a_plain_forward_before_a_wrapper_forward_then_its_own_backward_is_not_mixed():
+    def steps(model, wrapper):
+        plain = F.cross_entropy(model(X), Y)
+        mixed = F.cross_entropy(*wrapper(X, Y))
+        plain.backward()
+        mixed.backward()
+
+    def make(model):
+        return featmix.CutMixAt(model, layer="blocks.1", variant="fixed_size", generator=gen(0)).train()
+    assert rel_diff(one_step_grads(Blocks(True), make, steps), one_step_grads(Blocks(), make, steps)) < 1e-5
