@@ -209,19 +209,24 @@ def test_averaged_model_and_ema_copies_train_in_train_mode():
 def _spawn_worker(rank, wrapper, queue):
     out, targets = wrapper(X, Y)
     F.cross_entropy(out, targets).backward()
-    queue.put((targets, wrapper.last_mix.box if wrapper.last_mix is not None else None))
+    queue.put((targets.tolist(), wrapper.last_mix.box if wrapper.last_mix is not None else None))
 
 
 @pytest.mark.slow
 def test_a_wrapper_passed_to_spawn_workers_trains_there_as_here():
     import torch.multiprocessing as mp
     w = featmix.CutMixAt(Blocks(), layer="blocks.1", generator=gen(0)).train()
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.spawn(_spawn_worker, args=(w, queue), nprocs=1)
-    targets, box = queue.get()
+    before = mp.get_sharing_strategy()
+    mp.set_sharing_strategy("file_system")  # this sandbox's shared memory cannot hold the pickled tensors
+    try:
+        ctx = mp.get_context("spawn")
+        queue = ctx.SimpleQueue()
+        mp.spawn(_spawn_worker, args=(w, queue), nprocs=1)
+        targets, box = queue.get()
+    finally:
+        mp.set_sharing_strategy(before)
     here, here_targets = w(X, Y)
-    assert torch.equal(targets, here_targets) and box == (w.last_mix.box if w.last_mix else None)
+    assert here_targets.tolist() == targets and box == (w.last_mix.box if w.last_mix else None)
 
 
 # -- 8: inference mode ---------------------------------------------------------------------------------------
