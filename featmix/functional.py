@@ -8,6 +8,7 @@ the three give bitwise-equal results for the same box and permutation.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional, Tuple, Union
 
 import torch
@@ -80,15 +81,23 @@ def erase_box(x: Tensor, box: Box, hdim: int = -2, wdim: int = -1) -> Tensor:
     if _empty(box):
         return x
     out = x.clone()
-    out[regions.box_index(x.dim(), hdim, wdim, box)] = 0
+    if out.requires_grad:
+        out[regions.box_index(x.dim(), hdim, wdim, box)] = 0
+    else:
+        regions.box_view(out, box, hdim, wdim).zero_()
     return out
 
 
 def erase_box_(x: Tensor, box: Box, hdim: int = -2, wdim: int = -1) -> Tensor:
     """In place: the box of every sample of ``x`` zeroed; returns ``x``."""
     check_writable(x, "x")
-    if not _empty(box):
-        x[regions.box_index(x.dim(), hdim % x.dim(), wdim % x.dim(), box)] = 0
+    if _empty(box):
+        return x
+    hdim, wdim = hdim % x.dim(), wdim % x.dim()
+    if x.requires_grad and torch.is_grad_enabled():
+        x[regions.box_index(x.dim(), hdim, wdim, box)] = 0
+    else:
+        regions.box_view(x, box, hdim, wdim).zero_()
     return x
 
 
@@ -134,8 +143,17 @@ def _weight_like(lam: Union[float, Tensor], x: Tensor) -> Union[float, Tensor]:
 def one_hot_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0,
                     dtype: torch.dtype = torch.float32) -> Tensor:
     """Class indices (B,) or soft targets (B, K) -> float (B, K), smoothed as timm/torch do:
-    ``(1 - eps) * y + eps / K``."""
+    ``(1 - eps) * y + eps / K``.
+
+    Class indices read their rows from a cached table of the smoothed one-hot rows (one op per call;
+    the values are bit for bit those of a scatter then the smoothing); an index outside
+    ``[0, num_classes)`` raises ``IndexError`` on the host (a device-side assert on a GPU).
+    """
     if labels.dim() == 1:
+        table = _one_hot_table(num_classes, smoothing, dtype, labels.device)
+        if table is not None:
+            index = labels if labels.dtype in (torch.int64, torch.int32) else labels.long()
+            return table.index_select(0, index)
         y = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
         y.scatter_(1, labels.long().unsqueeze(1), 1.0)
     else:
@@ -143,6 +161,30 @@ def one_hot_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0,
     if smoothing > 0:
         y = y * (1.0 - smoothing) + smoothing / num_classes
     return y
+
+
+# (num_classes, smoothing, dtype, device) -> the K x K table of smoothed one-hot rows; small tables only
+_TABLES: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_TABLE_MAX_CLASSES = 1024
+_TABLES_KEPT = 8
+
+
+def _one_hot_table(num_classes: int, smoothing: float, dtype: torch.dtype, device: torch.device
+                   ) -> Optional[Tensor]:
+    """The rows ``one_hot_targets`` returns for each class (built by the scatter path, so equal bit for bit),
+    or None where a table would be large, or inside a compiled graph."""
+    if num_classes > _TABLE_MAX_CLASSES or torch.compiler.is_compiling():
+        return None
+    key = (num_classes, smoothing, dtype, device, torch.is_inference_mode_enabled())
+    table = _TABLES.get(key)
+    if table is None:
+        classes = torch.arange(num_classes, device=device)
+        y = torch.zeros(num_classes, num_classes, dtype=dtype, device=device)
+        y.scatter_(1, classes.unsqueeze(1), 1.0)
+        table = _TABLES[key] = y * (1.0 - smoothing) + smoothing / num_classes if smoothing > 0 else y
+        while len(_TABLES) > _TABLES_KEPT:
+            _TABLES.popitem(last=False)
+    return table
 
 
 def mix_targets(targets: Tensor, perm: Tensor, weight: Union[float, Tensor]) -> Tensor:

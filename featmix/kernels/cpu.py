@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .regions import Box, box_index, write_box, write_once
+from .regions import Box, box_index, box_view, write_box, write_once
 
 # at::internal::GRAIN_SIZE. ATen's CPU index_select on a strided view copies slice by slice once a
 # slice has this many elements (below it, one parallel gather over the batch); the cycle walk takes
@@ -50,7 +50,7 @@ def write_copy_then_walk(out: Tensor, x: Tensor, perm: Tensor, box: Box, hdim: i
 
 def paste_in_place(x: Tensor, perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
     """Overwrite ``x``'s box with the partner's: cycle walk for large boxes, one gather for small ones."""
-    region = x[box_index(x.dim(), hdim, wdim, box)]
+    region = box_view(x, box, hdim, wdim)
     if walks(x, box, hdim, wdim):
         permute_cycles_(region, perm.tolist())
     else:
