@@ -85,7 +85,10 @@ class GatherPaste(torch.autograd.Function):
 class PerSamplePaste(torch.autograd.Function):
     """``gather_batch(x, src)`` with one box per sample. A cell may then be read by two samples or by
     none, so the adjoint is not a gather: ``grad_x[j] = grad[j]`` outside box ``j`` plus
-    ``grad[inv[j]]`` inside box ``inv[j]`` (the sample that read from ``j``)."""
+    ``grad[inv[j]]`` inside box ``inv[j]`` (the sample that read from ``j``). On CPU that is one
+    scatter-add of the gradient by the forward's ``src`` (each cell gets at most two terms, so the
+    order of the sum does not matter); elsewhere a masked select, one gather by ``inv`` and one add
+    (deterministic where the scatter-add's atomics are not)."""
 
     @staticmethod
     def forward(x: Tensor, src: Tensor, inside: Tensor, inv_perm: Tensor, to: Tuple[int, ...],
@@ -94,25 +97,36 @@ class PerSamplePaste(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        _, _, inside, inv_perm, _, _ = inputs
-        ctx.save_for_backward(inside, inv_perm)
+        _, src, inside, inv_perm, _, _ = inputs
+        ctx.save_for_backward(src, inside, inv_perm)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        inside, inv_perm = ctx.saved_tensors
+        src, inside, inv_perm = ctx.saved_tensors
+        if inside is None:
+            return torch.zeros_like(grad).scatter_add_(0, src.expand(grad.shape), grad), None, None, None, None, None
         zero = grad.new_zeros(())
-        read_by_partner = torch.where(inside, grad, zero)
-        taken = torch.empty_like(grad)
-        torch.index_select(read_by_partner, 0, inv_perm, out=taken)
+        taken = torch.where(inside, grad, zero).index_select(0, inv_perm)
         return torch.where(inside, zero, grad).add_(taken), None, None, None, None, None
 
 
 def paste_masked(x: Tensor, perm: Tensor, inv_perm: Tensor, box: Tensor, hdim: int, wdim: int) -> Tensor:
     """``x`` with the tensor ``box`` ((4,) for the batch or (4, B) per sample) taken from ``x[perm]``;
     differentiable (``GatherPaste`` / ``PerSamplePaste``)."""
-    inside = inside_mask(x, box, hdim, wdim)
     B = x.shape[0]
-    src = torch.where(inside, perm.view(_along(x, 0, B)), torch.arange(B, device=x.device).view(_along(x, 0, B)))
+    own = torch.arange(B, device=x.device)
+    if box.dim() == 2:  # per sample: the row's source, then one where over the grid (no (B, H, W) mask first)
+        H, W = x.shape[hdim], x.shape[wdim]
+        ys, xs = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+        rows = ((ys >= box[0].view(B, 1)) & (ys < box[1].view(B, 1))).view(_along2(x, hdim, H))
+        cols = ((xs >= box[2].view(B, 1)) & (xs < box[3].view(B, 1))).view(_along2(x, wdim, W))
+        row_src = torch.where(rows, perm.view(_along(x, 0, B)), own.view(_along(x, 0, B)))
+        src = torch.where(cols, row_src, own.view(_along(x, 0, B)))
+        # the mask the non-CPU backward reads (the CPU one scatters by src)
+        inside = rows & cols if x.requires_grad and x.device.type != "cpu" and torch.is_grad_enabled() else None
+    else:
+        inside = inside_mask(x, box, hdim, wdim)
+        src = torch.where(inside, perm.view(_along(x, 0, B)), own.view(_along(x, 0, B)))
     to, back = batch_outer_order(x)
     if not (torch.is_grad_enabled() and x.requires_grad):
         return gather_batch(x, src, to, back)
