@@ -417,6 +417,30 @@ def test_bench_mixing_quick_writes_json(tmp_path):
     assert len(data["targets"]) >= 3 and all("measured" in t and "met" in t for t in data["targets"])
 
 
+def test_bench_host_quick_prints_every_row_and_writes_json(tmp_path):
+    out = tmp_path / "host.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench.host", "--quick", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "bench_host" and data["quick"] is True and "environment" in data
+    rows = data["rows"]
+    names = " | ".join(r["row"] for r in rows)
+    for part in ("vs timm Mixup", "vs its paste_box_", "CutMixAt(layer=2) fwd - plain fwd", "vs CutMix(inplace) call",
+                 "mode='elem'", "mode='pair'", "contention: CutMix(inplace)", "contention: x.clone()"):
+        assert part in names, part
+    assert sum("vs timm Mixup" in r["row"] for r in rows) == 2
+    for r in rows:
+        assert isinstance(r["value"], float) and r["us"]
+        if r["op"] is None:
+            assert r["met"] is None
+        else:
+            assert r["met"] == (r["value"] >= r["bound"] if r["op"] == ">=" else r["value"] <= r["bound"])
+            verdict = "MET" if r["met"] else "MISSED"
+            assert any(r["row"] in line and line.rstrip().endswith(verdict) for line in proc.stdout.splitlines())
+
+
 def test_bench_step_quick_writes_json(tmp_path):
     data = run_module("experiments.bench.step", tmp_path / "step.json", timeout=150)
     assert data["benchmark"] == "bench_step" and data["quick"] is True

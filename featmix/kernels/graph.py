@@ -8,7 +8,7 @@ every batch.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor
@@ -35,6 +35,22 @@ def source_index(x: Tensor, perm: Tensor, box: Tensor, hdim: int, wdim: int) -> 
     return torch.where(inside_mask(x, box, hdim, wdim), perm.view(_along(x, 0, B)), own)
 
 
+_ARANGES: Dict[Tuple[int, torch.device, bool], Tensor] = {}
+
+
+def _arange(n: int, device: torch.device) -> Tensor:
+    """``torch.arange(n)`` on ``device``, made once per size and device (a fresh one in compiled graphs)."""
+    if torch.compiler.is_compiling():
+        return torch.arange(n, device=device)
+    key = (n, device, torch.is_inference_mode_enabled())
+    t = _ARANGES.get(key)
+    if t is None:
+        if len(_ARANGES) > 64:
+            _ARANGES.clear()
+        t = _ARANGES[key] = torch.arange(n, device=device)
+    return t
+
+
 def _along(x: Tensor, dim: int, size: int) -> List[int]:
     shape = [1] * x.dim()
     shape[dim] = size
@@ -49,9 +65,10 @@ def _along2(x: Tensor, dim: int, size: int) -> List[int]:
 
 def batch_outer_order(x: Tensor) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """Dimension orders (to, back) that make ``x``'s layout contiguous with the batch outermost, or
-    ((), ()) when the batch is not outermost in memory (then the plain layout is used)."""
+    ((), ()) when no reordering is needed or the batch is not outermost in memory (then the plain
+    layout is used)."""
     order = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
-    if order[0] != 0:
+    if order[0] != 0 or order == tuple(range(x.dim())):  # batch not outermost, or the plain layout already
         return (), ()
     return order, tuple(sorted(range(x.dim()), key=order.__getitem__))
 
@@ -114,10 +131,10 @@ def paste_masked(x: Tensor, perm: Tensor, inv_perm: Tensor, box: Tensor, hdim: i
     """``x`` with the tensor ``box`` ((4,) for the batch or (4, B) per sample) taken from ``x[perm]``;
     differentiable (``GatherPaste`` / ``PerSamplePaste``)."""
     B = x.shape[0]
-    own = torch.arange(B, device=x.device)
+    own = _arange(B, x.device)
     if box.dim() == 2:  # per sample: the row's source, then one where over the grid (no (B, H, W) mask first)
         H, W = x.shape[hdim], x.shape[wdim]
-        ys, xs = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+        ys, xs = _arange(H, x.device), _arange(W, x.device)
         rows = ((ys >= box[0].view(B, 1)) & (ys < box[1].view(B, 1))).view(_along2(x, hdim, H))
         cols = ((xs >= box[2].view(B, 1)) & (xs < box[3].view(B, 1))).view(_along2(x, wdim, W))
         row_src = torch.where(rows, perm.view(_along(x, 0, B)), own.view(_along(x, 0, B)))
