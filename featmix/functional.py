@@ -239,5 +239,9 @@ class _PasteBoxInPlace(torch.autograd.Function):
     backward = staticmethod(_PasteBox.backward)
 
 
+graph.cache_signature(_PasteBox)
+graph.cache_signature(_PasteBoxInPlace)
+
+
 __all__ = ["inverse_permutation", "paste_box", "paste_box_", "paste_box_masked", "erase_box", "erase_box_", "blend",
            "blend_", "paste_weighted", "one_hot_targets", "mix_targets"]

@@ -8,6 +8,7 @@ every batch.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Dict, List, Tuple
 
 import torch
@@ -125,6 +126,18 @@ class PerSamplePaste(torch.autograd.Function):
         zero = grad.new_zeros(())
         taken = torch.where(inside, grad, zero).index_select(0, inv_perm)
         return torch.where(inside, zero, grad).add_(taken), None, None, None, None, None
+
+
+def cache_signature(fn: "type[torch.autograd.Function]") -> "type[torch.autograd.Function]":
+    """Class decorator: the ``forward`` signature computed once. ``Function.apply`` binds the call's
+    arguments to it on every call when ``setup_context`` is defined (as ``torch.func`` needs), and
+    ``inspect.signature`` reads ``__signature__`` before building one anew."""
+    fn.forward.__signature__ = inspect.signature(fn.forward)
+    return fn
+
+
+cache_signature(GatherPaste)
+cache_signature(PerSamplePaste)
 
 
 def paste_masked(x: Tensor, perm: Tensor, inv_perm: Tensor, box: Tensor, hdim: int, wdim: int) -> Tensor:
