@@ -110,8 +110,7 @@ def blend(x: Tensor, perm: Tensor, lam: Union[float, Tensor]) -> Tensor:
 def blend_(x: Tensor, perm: Tensor, lam: Union[float, Tensor]) -> Tensor:
     """In place: ``x = lam * x + (1 - lam) * x[perm]``; returns ``x``."""
     check_writable(x, "x")
-    partner = x.index_select(0, _on(perm, x))
-    return x.lerp_(partner, 1.0 - _weight_like(lam, x))
+    return x.lerp_(_partner(x, perm), 1.0 - _weight_like(lam, x))
 
 
 def paste_weighted(x: Tensor, perm: Tensor, own: Tensor, zero_partner: bool = False) -> Tensor:
@@ -124,9 +123,18 @@ def paste_weighted(x: Tensor, perm: Tensor, own: Tensor, zero_partner: bool = Fa
 
 
 def _partner(x: Tensor, perm: Tensor) -> Tensor:
-    """``x[perm]`` as a new tensor in ``x``'s memory format (``index_select`` returns a contiguous one)."""
+    """``x[perm]`` as a new tensor in ``x``'s memory format (``index_select`` returns a contiguous one).
+
+    ``index_select`` (the fewest host steps) only for samples below ATen's grain: above it, on CPU, it
+    copies sample by sample, one parallel region each, which stall when other processes keep the cores
+    busy; advanced indexing is one kernel."""
     perm = _on(perm, x)
-    return x.index_select(0, perm) if x.is_contiguous() else x[perm]
+    if x.is_contiguous() and x.numel() < _GRAIN * max(x.shape[0], 1):
+        return x.index_select(0, perm)
+    return x[perm]
+
+
+_GRAIN = 32768  # at::internal::GRAIN_SIZE
 
 
 def _on(perm: Tensor, x: Tensor) -> Tensor:

@@ -1,11 +1,12 @@
 """The paste on CPU: long contiguous copies, and a fixed, small number of ops whatever the batch.
 
 On CPU a full contiguous copy costs less per element than short strided rows, so the out-of-place
-paste copies ``x`` whole and then rewrites the box by one gather; the in-place paste gathers the box
-into a box-sized temporary and copies it back. Each paste is at most three ATen ops, so at most three
-parallel regions, whatever the batch size: a walk of the permutation's cycles (one copy per sample)
-reads each box once, but opens one parallel region per sample, and when other processes keep the
-cores busy every region waits for a descheduled worker thread.
+paste copies ``x`` whole and then rewrites the box by one ``index_copy_``; the in-place paste gathers
+the box into a box-sized temporary and copies it back. Each paste is a few ATen ops, each one kernel
+over all its elements, whatever the batch size: a walk of the permutation's cycles (one copy per
+sample), or ``index_select`` on a view whose samples are large (it copies sample by sample), opens one
+parallel region per sample, and when other processes keep the cores busy every region waits for a
+descheduled worker thread.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ def write_copy_then_box(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim
 
 
 def paste_in_place(x: Tensor, perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
-    """Overwrite ``x``'s box with the partner's: one gather into a box-sized temporary, one copy back."""
+    """Overwrite ``x``'s box with the partner's: one gather into a box-sized temporary, one copy back.
+
+    The gather is advanced indexing (one kernel over all elements), not ``index_select``, which on a
+    strided view with large samples copies sample by sample, one parallel region each."""
     region = box_view(x, box, hdim, wdim)
-    region.copy_(region.index_select(0, perm))
+    region.copy_(region[perm])
