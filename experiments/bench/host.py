@@ -5,7 +5,8 @@
 On a GPU at CIFAR sizes a mix is host-bound: the kernels take microseconds and the host's dispatching
 is the cost. It is measured here on the CPU, on maps so small that the paste is negligible. Every row
 is a ratio of medians measured in the same run, contenders interleaved in rotating order (a slow phase
-of the shared machine hits all of them); each timed sample is a loop of ``--inner`` calls. Rows:
+of the shared machine hits all of them); each timed sample is a loop of ``--inner`` calls, on one
+thread (``--threads`` to change it) except the contention row, which runs at torch's default. Rows:
 
 - ``CutMix(inplace)`` on (64,3,8,8) against timm ``Mixup`` (cutmix, batch mode) and against its own
   ``featmix.functional.paste_box_`` on the box and partners it drew (the floor of the eager paste);
@@ -171,8 +172,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run every row, print the table with MET/MISSED, write the JSON; returns its payload."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or 1)  # host work is one thread's; parallel regions only add noise
     device = torch.device("cpu")
     env_before = environment(device)
     print(f"bench_host on cpu ({env_before['threads']} threads, load {env_before['loadavg']}): medians of "
@@ -181,6 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     rows += input_rows((32, 3, 32, 32) if args.quick else (256, 3, 32, 32), args, with_floor=False)
     rows += feature_rows(args)
     rows += per_sample_rows(args)
+    torch.set_num_threads(default_threads)  # contention: at torch's own thread count
     rows += contention_rows(args)
     cells = []
     for r in rows:

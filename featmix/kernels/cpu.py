@@ -32,7 +32,13 @@ def write_copy_then_box(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim
 def paste_in_place(x: Tensor, perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
     """Overwrite ``x``'s box with the partner's: one gather into a box-sized temporary, one copy back.
 
-    The gather is advanced indexing (one kernel over all elements), not ``index_select``, which on a
-    strided view with large samples copies sample by sample, one parallel region each."""
+    Boxes of at least ``GRAIN`` elements per sample are gathered by advanced indexing (one kernel over
+    all elements): ``index_select`` on a strided view copies such samples one by one, a parallel region
+    each. Smaller ones by ``index_select`` (one parallel gather over the batch, faster there)."""
     region = box_view(x, box, hdim, wdim)
-    region.copy_(region[perm])
+    region.copy_(region[perm] if region.numel() >= GRAIN * max(region.shape[0], 1) else region.index_select(0, perm))
+
+
+# at::internal::GRAIN_SIZE: from this many elements per sample ATen's CPU index_select on a strided view
+# copies sample by sample
+GRAIN = 32768
