@@ -35,8 +35,8 @@ from .kinds import kind_of
 from .layer import FeatureCutMix, find_sites
 from .placement import Placement, Rule, record_box
 from .sampling import MixDraw, MixSampler
-from .transfer import load_draw, unpack_draw
-from .validation import check_label_smoothing, check_labels, check_num_classes
+from .transfer import load_draw, stage_draw, unpack_draw
+from .validation import check_label_range, check_label_smoothing, check_labels, check_num_classes
 
 
 @dataclass(frozen=True)
@@ -77,15 +77,19 @@ class MixForward:
     nothing saved for backward aliases storage that the next forward overwrites.
     """
 
-    __slots__ = ("draw", "chosen", "image_hw", "device", "_buf", "_version", "_own", "record", "bound",
-                 "released_by", "replays", "watched")
+    __slots__ = ("draw", "chosen", "image_hw", "device", "_buf", "_version", "_own", "_host", "_unpacked", "record",
+                 "bound", "released_by", "replays", "watched")
 
     def __init__(self, draw: MixDraw, chosen: Optional[FeatureCutMix], image_hw: Optional[Tuple[int, int]],
-                 device: torch.device, buf: Optional[Tensor]) -> None:
+                 device: torch.device, buf: Optional[Tensor], host: Optional[Tensor] = None) -> None:
         self.draw, self.chosen, self.image_hw, self.device = draw, chosen, image_hw, device
         self._buf = buf
         self._version = None if buf is None or buf.is_inference() else buf._version
         self._own: Optional[Tensor] = None
+        # the host tensor the buffer was filled from: new for this draw and never refilled, so on the host
+        # it is the forward's own copy as it stands (no clone)
+        self._host = host if host is not None and host.device == buf.device else None
+        self._unpacked: Optional[Tuple[Tensor, Tuple[Tensor, Tensor, Tensor]]] = None
         self.record: Optional[Placement] = None
         self.bound = False                          # its backward has started at least once
         self.released_by: Set[int] = set()         # ids of sites an unarmed forward ran through since
@@ -100,11 +104,18 @@ class MixForward:
         fresh = buf is not None and buf.device == device and (self._version is None or buf._version == self._version)
         if fresh and not own:
             return buf
-        self._own = buf.clone() if fresh else load_draw(None, self.draw, device)
+        if self._host is not None and self._host.device == device:
+            self._own = self._host
+        else:
+            self._own = buf.clone() if fresh else load_draw(None, self.draw, device)
         return self._own
 
     def unpack(self, batch: int, device: torch.device, own: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        return unpack_draw(self.tensors(device, own), batch)
+        """(perm, inverse perm, params) views of ``tensors(device, own)`` (the views made once per tensor)."""
+        packed = self.tensors(device, own)
+        if self._unpacked is None or self._unpacked[0] is not packed:
+            self._unpacked = (packed, unpack_draw(packed, batch))
+        return self._unpacked[1]
 
 
 # graph task id -> (scope, forward) of every forward whose backward runs in that task, over all passes; the
@@ -162,12 +173,13 @@ class MixPass:
         """
         self.scope = id(self) if scope is None else id(scope)
         chosen = self.sites[draw.site] if draw.mixed else None
-        buf = None
+        buf = host = None
         if chosen is not None:
-            buf = chosen._buf = load_draw(chosen._buf, draw, device)
+            buf, host = stage_draw(chosen._buf, draw, device)
+            chosen._buf = buf
         for site in self.sites:
             site._driver = self
-        self.current = MixForward(draw, chosen, image_hw, device, buf)
+        self.current = MixForward(draw, chosen, image_hw, device, buf, host)
         self.chosen, self.record, self.image_hw = chosen, None, image_hw
         self.batch = draw.perm.numel()
         self.variant, self.rule, self.per_sample = draw.variant, draw.rule, draw.per_sample_kind
@@ -201,7 +213,11 @@ class MixPass:
     def targets(self, labels: Tensor, num_classes: int, record: Optional[MixRecord], smoothing: float,
                 dtype: torch.dtype) -> Tensor:
         """Soft targets for what the network saw, from the record of the latest finished forward."""
-        y = F.one_hot_targets(labels, num_classes, smoothing, dtype)
+        try:  # the one-hot lookup finds an index out of range; the range check then words the error
+            y = F.one_hot_targets(labels, num_classes, smoothing, dtype)
+        except (RuntimeError, IndexError):
+            check_label_range(labels, num_classes)
+            raise
         kind = None if record is None else kind_of(record.kind)
         if kind is None or kind.keeps_labels:
             return y
@@ -365,7 +381,7 @@ def mixing(model: Union[nn.Module, Sequence[FeatureCutMix]], labels: Tensor, num
                          "should happen, or use featmix.CutMixAt(model, layer=...)")
     num_classes = check_num_classes(num_classes)
     smoothing = check_label_smoothing(label_smoothing)
-    check_labels(labels, num_classes, None)
+    check_labels(labels, num_classes, None, check_range=False)  # the range: by the targets' lookup
     sampler = sampler if sampler is not None else MixSampler()
     mix = _pass_for(sites)
     mix.begin(sampler.draw(labels.shape[0], len(sites)), labels.device,

@@ -8,6 +8,7 @@ the three give bitwise-equal results for the same box and permutation.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional, Tuple, Union
 
 import torch
@@ -95,15 +96,23 @@ def erase_box(x: Tensor, box: Box, hdim: int = -2, wdim: int = -1) -> Tensor:
     if _empty(box):
         return x
     out = x.clone()
-    out[regions.box_index(x.dim(), hdim, wdim, box)] = 0
+    if out.requires_grad:
+        out[regions.box_index(x.dim(), hdim, wdim, box)] = 0
+    else:
+        regions.box_view(out, box, hdim, wdim).zero_()
     return out
 
 
 def erase_box_(x: Tensor, box: Box, hdim: int = -2, wdim: int = -1) -> Tensor:
     """In place: the box of every sample of ``x`` zeroed; returns ``x``."""
     check_writable(x, "x")
-    if not _empty(box):
-        x[regions.box_index(x.dim(), hdim % x.dim(), wdim % x.dim(), box)] = 0
+    if _empty(box):
+        return x
+    hdim, wdim = hdim % x.dim(), wdim % x.dim()
+    if x.requires_grad and torch.is_grad_enabled():
+        x[regions.box_index(x.dim(), hdim, wdim, box)] = 0
+    else:
+        regions.box_view(x, box, hdim, wdim).zero_()
     return x
 
 
@@ -116,8 +125,7 @@ def blend(x: Tensor, perm: Tensor, lam: Union[float, Tensor]) -> Tensor:
 def blend_(x: Tensor, perm: Tensor, lam: Union[float, Tensor]) -> Tensor:
     """In place: ``x = lam * x + (1 - lam) * x[perm]``; returns ``x``."""
     check_writable(x, "x")
-    partner = x.index_select(0, _on(perm, x))
-    return x.lerp_(partner, 1.0 - _weight_like(lam, x))
+    return x.lerp_(_partner(x, perm), 1.0 - _weight_like(lam, x))
 
 
 def paste_weighted(x: Tensor, perm: Tensor, own: Tensor, zero_partner: bool = False) -> Tensor:
@@ -130,9 +138,18 @@ def paste_weighted(x: Tensor, perm: Tensor, own: Tensor, zero_partner: bool = Fa
 
 
 def _partner(x: Tensor, perm: Tensor) -> Tensor:
-    """``x[perm]`` as a new tensor in ``x``'s memory format (``index_select`` returns a contiguous one)."""
+    """``x[perm]`` as a new tensor in ``x``'s memory format (``index_select`` returns a contiguous one).
+
+    ``index_select`` (the fewest host steps) only for samples below ATen's grain: above it, on CPU, it
+    copies sample by sample, one parallel region each, which stall when other processes keep the cores
+    busy; advanced indexing is one kernel."""
     perm = _on(perm, x)
-    return x.index_select(0, perm) if x.is_contiguous() else x[perm]
+    if x.is_contiguous() and x.numel() < _GRAIN * max(x.shape[0], 1):
+        return x.index_select(0, perm)
+    return x[perm]
+
+
+_GRAIN = 32768  # at::internal::GRAIN_SIZE
 
 
 def _on(perm: Tensor, x: Tensor) -> Tensor:
@@ -149,8 +166,17 @@ def _weight_like(lam: Union[float, Tensor], x: Tensor) -> Union[float, Tensor]:
 def one_hot_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0,
                     dtype: torch.dtype = torch.float32) -> Tensor:
     """Class indices (B,) or soft targets (B, K) -> float (B, K), smoothed as timm/torch do:
-    ``(1 - eps) * y + eps / K``."""
+    ``(1 - eps) * y + eps / K``.
+
+    Class indices read their rows from a cached table of the smoothed one-hot rows (one op per call;
+    the values are bit for bit those of a scatter then the smoothing); an index outside
+    ``[0, num_classes)`` raises ``IndexError`` on the host (a device-side assert on a GPU).
+    """
     if labels.dim() == 1:
+        table = _one_hot_table(num_classes, smoothing, dtype, labels.device)
+        if table is not None:
+            index = labels if labels.dtype in (torch.int64, torch.int32) else labels.long()
+            return table.index_select(0, index)
         y = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
         y.scatter_(1, labels.long().unsqueeze(1), 1.0)
     else:
@@ -158,6 +184,30 @@ def one_hot_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0,
     if smoothing > 0:
         y = y * (1.0 - smoothing) + smoothing / num_classes
     return y
+
+
+# (num_classes, smoothing, dtype, device) -> the K x K table of smoothed one-hot rows; small tables only
+_TABLES: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_TABLE_MAX_CLASSES = 1024
+_TABLES_KEPT = 8
+
+
+def _one_hot_table(num_classes: int, smoothing: float, dtype: torch.dtype, device: torch.device
+                   ) -> Optional[Tensor]:
+    """The rows ``one_hot_targets`` returns for each class (built by the scatter path, so equal bit for bit),
+    or None where a table would be large, or inside a compiled graph."""
+    if num_classes > _TABLE_MAX_CLASSES or torch.compiler.is_compiling():
+        return None
+    key = (num_classes, smoothing, dtype, device, torch.is_inference_mode_enabled())
+    table = _TABLES.get(key)
+    if table is None:
+        classes = torch.arange(num_classes, device=device)
+        y = torch.zeros(num_classes, num_classes, dtype=dtype, device=device)
+        y.scatter_(1, classes.unsqueeze(1), 1.0)
+        table = _TABLES[key] = y * (1.0 - smoothing) + smoothing / num_classes if smoothing > 0 else y
+        while len(_TABLES) > _TABLES_KEPT:
+            _TABLES.popitem(last=False)
+    return table
 
 
 def mix_targets(targets: Tensor, perm: Tensor, weight: Union[float, Tensor]) -> Tensor:
@@ -210,6 +260,10 @@ class _PasteBoxInPlace(torch.autograd.Function):
         ctx.save_for_backward(perm, inv_perm)
 
     backward = staticmethod(_PasteBox.backward)
+
+
+graph.cache_signature(_PasteBox)
+graph.cache_signature(_PasteBoxInPlace)
 
 
 __all__ = ["inverse_permutation", "paste_box", "paste_box_", "paste_box_masked", "erase_box", "erase_box_", "blend",

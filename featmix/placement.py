@@ -133,6 +133,31 @@ def _minmax_t(u: Tensor, side: int, minmax: Tuple[float, float]) -> Tensor:
     return lo + torch.clamp(torch.floor(u * (hi - lo)), max=hi - lo - 1)
 
 
+_SIDES: dict = {}  # (h, w, device, inference mode) -> float64 (2, 1) tensors [[h], [w]] and [[h - 1], [w - 1]]
+
+
+def centred_box_tensor(params: Tensor, h: int, w: int) -> Tuple[Tensor, Tensor]:
+    """``box_tensor``'s reference rule (cut = floor(side * sqrt(1 - lam)), integer centre, clipped) with
+    both sides in one (2, B) op each, and the kept fraction ``1 - area / (h * w)`` (float64): the same
+    float64 arithmetic as ``_centred_box_t`` and ``_kept``, so the same values bit for bit. Eager only
+    (the (2, 1) side tensors are cached per grid and device)."""
+    key = (h, w, params.device, torch.is_inference_mode_enabled())
+    sides = _SIDES.get(key)
+    if sides is None:
+        hw = torch.tensor([[float(h)], [float(w)]], dtype=torch.float64, device=params.device)
+        sides = _SIDES[key] = (hw, hw - 1)
+    hw, last = sides
+    cols = params if params.dim() == 2 else params.view(-1, 1)
+    cut = torch.sqrt(1.0 - cols[LAM]).mul(hw).floor_()                     # (2, B): cut_h, cut_w
+    centre = cols[CY:CX + 1].mul(hw).floor_().clamp_(max=last)            # (2, B): cy, cx
+    half = cut.div_(2).floor_()
+    lo = (centre - half).clamp_(min=0)
+    hi = torch.minimum(centre.add_(half), hw)
+    kept = 1.0 - (hi - lo).prod(0).div_(float(h * w))
+    box = torch.stack((lo, hi), 1).view(4, -1).long()
+    return (box, kept) if params.dim() == 2 else (box.view(4), kept.view(()))
+
+
 def box_tensor(params: Tensor, h: int, w: int, variant: str = "cutmix", rule: Rule = Rule()) -> Tensor:
     """The box of ``place`` on tensors: ``params`` (6,) or (6, B) float64 -> int64 (4,) or (4, B)."""
     lam, cy, cx = params[LAM], params[CY], params[CX]

@@ -25,7 +25,7 @@ from torch.utils.data import get_worker_info
 
 from .functional import inverse_permutation
 from .kinds import KINDS, kind_of, place, place_tensor
-from .placement import CUT_H, CUT_W, CX, CY, IS_CUT, LAM, NUM_PARAMS, Box, Placement, Rule, box_on_grid
+from .placement import CUT_H, CUT_W, CX, CY, IS_CUT, LAM, Box, Placement, Rule, box_on_grid
 from .validation import check_flag, check_int, check_real
 
 VARIANTS = ("cutmix", "center_gaussian", "fixed_size", "scheduled", "one_hot", "complete_label")
@@ -296,16 +296,19 @@ class MixSampler:
 
     def _per_sample(self, draw: MixDraw, batch: int, p: float, g: Optional[torch.Generator]) -> MixDraw:
         """Per-sample gate, lam, centre, cut and kind (``mode='elem'``/``'pair'``), as float64 (6, B)."""
-        u = torch.rand(6, batch, generator=g, dtype=torch.float64)  # gate, y, x, cut h, cut w, switch
-        rows = torch.empty(NUM_PARAMS, batch, dtype=torch.float64)
-        rows[LAM] = self._beta_vec(g, u[0], self._alpha)
-        rows[CY], rows[CX] = self._center_vec(u[1], u[2], g)
-        rows[CUT_H], rows[CUT_W] = u[3], u[4]
-        is_cut = torch.full((batch,), float(self.kind != "mixup"), dtype=torch.float64)
+        # rows LAM, CY, CX, CUT_H, CUT_W start as the uniforms themselves (no copy); row IS_CUT holds the
+        # switch's uniform until Mixup's lam has read it
+        rows = torch.rand(6, batch, generator=g, dtype=torch.float64)  # lam, y, x, cut h, cut w, switch
+        if self._alpha != 1.0:
+            rows[LAM] = self._beta_vec(g, rows[LAM], self._alpha)
+        if self.variant == "center_gaussian":
+            rows[CY], rows[CX] = self._center_vec(rows[CY], rows[CX], g)
         if self.kind == "cutmix_or_mixup":
-            is_cut = (torch.rand(batch, generator=g, dtype=torch.float64) < self.switch_prob).to(torch.float64)
-            rows[LAM] = torch.where(is_cut > 0, rows[LAM], self._beta_vec(g, u[5], self._mixup_alpha))
-        rows[IS_CUT] = is_cut
+            is_cut = torch.rand(batch, generator=g, dtype=torch.float64) < self.switch_prob
+            rows[LAM] = torch.where(is_cut, rows[LAM], self._beta_vec(g, rows[IS_CUT], self._mixup_alpha))
+            rows[IS_CUT] = is_cut
+        else:
+            rows[IS_CUT].fill_(float(self.kind != "mixup"))
         if self.variant == "fixed_size":
             rows[LAM] = 0.75
         gate = torch.rand(batch, generator=g, dtype=torch.float64) < p
@@ -314,11 +317,12 @@ class MixSampler:
             perm, firsts, seconds = _pairing(draw.perm)
             rows[:, seconds] = rows[:, firsts]
             gate[seconds] = gate[firsts]
-        rows[LAM] = torch.where(gate, rows[LAM], torch.ones_like(rows[LAM]))  # an unmixed sample keeps itself
+        off = ~gate
+        rows[LAM].masked_fill_(off, 1.0)  # an unmixed sample keeps itself
         if self.kind == "cutout":
             rows[CUT_H] = rows[CUT_W] = torch.where(gate, self.cutout_size, 0.0)
         return _replace(draw, perm=perm, samples=rows, per_sample_kind=self.kind == "cutmix_or_mixup",
-                        mixed=bool(gate.any()) and batch > self._min_batch)
+                        mixed=batch > self._min_batch and not bool(off.all()))
 
     def _stream(self) -> Optional[torch.Generator]:
         """The generator to draw from; in a DataLoader worker, reseeded once for that worker."""

@@ -16,6 +16,13 @@ def load_draw(buf: Optional[Tensor], draw: MixDraw, device: torch.device, invers
     Reusing ``buf`` keeps its storage (``data_ptr``) from step to step, as CUDA-graph replay needs; on
     CUDA the host side is pinned, so the copy is asynchronous. Read it back with ``unpack_draw``.
     """
+    return stage_draw(buf, draw, device, inverse, params)[0]
+
+
+def stage_draw(buf: Optional[Tensor], draw: MixDraw, device: torch.device, inverse: bool = True,
+               params: bool = True) -> Tuple[Tensor, Tensor]:
+    """``load_draw``, and the host tensor it copied from: a new tensor per draw that nothing refills (on
+    CPU it serves as the forward's own copy of the draw, with no second copy)."""
     host = draw.packed(inverse, params)
     # An inference tensor (made by a first call inside torch.inference_mode) cannot be written outside it.
     if (buf is None or buf.shape != host.shape or buf.device != device
@@ -23,7 +30,7 @@ def load_draw(buf: Optional[Tensor], draw: MixDraw, device: torch.device, invers
         buf = torch.empty_like(host, device=device)
     if device.type == "cuda":
         host = host.pin_memory()
-    return buf.copy_(host, non_blocking=True)
+    return buf.copy_(host, non_blocking=True), host
 
 
 def unpack_draw(buf: Tensor, batch: int, inverse: bool = True, params: bool = True
@@ -32,6 +39,8 @@ def unpack_draw(buf: Tensor, batch: int, inverse: bool = True, params: bool = Tr
 
     Params come back as (6,) for a whole-batch draw and (6, B) for a per-sample one.
     """
+    if not (inverse or params):
+        return (buf if buf.shape[0] == batch else buf[:batch]), None, None
     inv = buf[batch:2 * batch] if inverse else None
     if not params:
         return buf[:batch], inv, None

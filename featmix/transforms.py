@@ -120,7 +120,7 @@ class _BatchMix(nn.Module):
         labels = labels if labels.device == device else labels.to(device, non_blocking=True)
         try:  # the scatter finds an index out of range; the range check then words the error
             return F.one_hot_targets(labels, num_classes, self.label_smoothing)
-        except RuntimeError:
+        except (RuntimeError, IndexError):
             check_label_range(labels, num_classes)
             raise
 

@@ -125,7 +125,9 @@ def check_label_range(labels: Tensor, num_classes: int, name: str = "labels") ->
 
 def check_writable(x: Tensor, name: str = "images") -> None:
     """``x`` can be mixed in place: no two elements share memory, and autograd allows the write."""
-    expanded = [d for d, (st, n) in enumerate(zip(x.stride(), x.shape)) if st == 0 and n > 1]
+    # a contiguous tensor has no stride-0 dim of size > 1: the per-dim scan only for other layouts
+    expanded = () if x.is_contiguous() else [d for d, (st, n) in enumerate(zip(x.stride(), x.shape))
+                                             if st == 0 and n > 1]
     if expanded:
         raise ValueError(f"{name} is an expanded tensor (stride 0 on dim {expanded[0]}): several of its elements share "
                          f"one memory cell, so it cannot be mixed in place; pass {name}.contiguous(), or use "

@@ -241,7 +241,7 @@ class CutMixAt(nn.Module):
         """Validate, draw once for the batch and arm the chosen site (outside any compiled graph)."""
         if self._input_site is not None or not isinstance(images, Tensor) or not images.is_floating_point():
             check_images(images)
-        check_labels(labels, self.num_classes, images.shape[0])
+        check_labels(labels, self.num_classes, images.shape[0], check_range=False)  # the range: by the targets
         draw = self.sampler.draw(labels.shape[0], len(self._pass.sites))
         if draw.mixed and self._hooks:
             self._hooks[draw.site if self._input_site is None else draw.site - 1].ensure_attached(self.model)

@@ -2,7 +2,7 @@
 
 The reference is the paper's code: clone, then ``out[:, :, y1:y2, x1:x2] = x[perm, :, y1:y2, x1:x2]``.
 The kernels pick different strategies by device, box shape and size (full copy then box, each element
-once, cycle walk in place, gather in place); each strategy is exercised here on CPU, including the
+once, gather in place); each strategy is exercised here on CPU, including the
 GPU one, and compared with ``torch.equal`` (all kernels only copy, so any difference is a bug).
 Also: gradients against autograd through the reference, dtype and memory-format preservation, empty
 and full boxes, the layer and transform entry points, and a smoke run of both benchmarks.
@@ -50,7 +50,7 @@ def rand_perm(n: int, seed: int = 1) -> torch.Tensor:
 
 
 SMALL = (6, 3, 9, 11)
-# one sample's box here is >= cpu.GRAIN elements: paste_box_ takes the cycle walk on CPU
+# one sample's box here is larger than ATen's grain (32768 elements): the copies run in parallel
 LARGE = (5, 8, 70, 70)
 BOXES = {
     "interior": (2, 7, 3, 8),
@@ -95,8 +95,8 @@ def test_out_of_place_and_in_place_match_reference(shape, box, dtype):
 
 
 @pytest.mark.parametrize("shape,box", list(cases()))
-@pytest.mark.parametrize("writer", ["regions.write_once", "cpu.write_copy_then_box", "cpu.write_copy_then_walk",
-                                    "cpu.write_mixed", "gpu.write_mixed"])
+@pytest.mark.parametrize("writer", ["regions.write_once", "cpu.write_copy_then_box", "cpu.write_mixed",
+                                    "gpu.write_mixed"])
 def test_every_out_of_place_strategy_matches_reference(shape, box, writer):
     """Every strategy is tested on CPU whichever the dispatcher would pick here (the GPU one too)."""
     x = make(shape)
@@ -107,8 +107,6 @@ def test_every_out_of_place_strategy_matches_reference(shape, box, writer):
     fn = getattr({"regions": regions, "cpu": cpu, "gpu": gpu}[module], name)
     if name == "write_mixed":
         fn(out, x, perm, inv, box, 2, 3)
-    elif name == "write_copy_then_walk":
-        fn(out, x, perm, box, 2, 3)
     else:
         fn(out, x, inv, box, 2, 3)
     assert torch.equal(out, reference(x, perm, box))
@@ -139,9 +137,9 @@ def test_graph_gather_keeps_the_layout_and_reads_from_the_source_sample(channels
 
 
 @pytest.mark.parametrize("perm_kind", ["random", "identity", "reversed", "one_cycle", "pairs"])
-@pytest.mark.parametrize("shape", [SMALL, LARGE], ids=["gather", "cycle_walk"])
+@pytest.mark.parametrize("shape", [SMALL, LARGE], ids=["small", "large"])
 def test_in_place_every_permutation_shape(shape, perm_kind):
-    """Fixed points, 2-cycles and one long cycle: the cycle walk must restore every partner."""
+    """Fixed points, 2-cycles and one long cycle: every partner's box lands where it belongs."""
     B = shape[0]
     perm = {"random": rand_perm(B), "identity": torch.arange(B), "reversed": torch.arange(B).flip(0),
             "one_cycle": torch.roll(torch.arange(B), 1),
@@ -153,35 +151,32 @@ def test_in_place_every_permutation_shape(shape, perm_kind):
     assert torch.equal(x, want)
 
 
-def test_in_place_takes_cycle_walk_only_for_large_boxes(monkeypatch):
-    """The size switch is real: the cycle walk runs for the large shape and not for the small one."""
-    calls = []
-    real = cpu.permute_cycles_
-    monkeypatch.setattr(cpu, "permute_cycles_", lambda region, perm: (calls.append(region.shape), real(region, perm)))
-    for shape in (SMALL, LARGE):
-        x = make(shape)
-        perm = rand_perm(shape[0])
-        box = (0, shape[2], 0, shape[3])
-        want = reference(x, perm, box)
-        F.paste_box_(x, perm, box)
-        assert torch.equal(x, want)
-    assert calls == [torch.Size(LARGE)]
+@pytest.mark.parametrize("inplace", [True, False], ids=["in_place", "out_of_place"])
+def test_cpu_paste_is_a_few_ops_whatever_the_batch(inplace):
+    """No op per sample (each would be a parallel region that waits for busy cores): the CPU paste of a
+    large box dispatches the same few ops for a batch of 2 and of 64, forward and backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
+    class Count(TorchDispatchMode):
+        n = 0
 
-def test_out_of_place_takes_cycle_walk_only_for_large_boxes_on_cpu(monkeypatch):
-    """paste_box on CPU: the large interior box goes through the in-output cycle walk (forward and
-    backward), the small one through the gather, and both still equal the reference."""
-    calls = []
-    real = cpu.write_copy_then_walk
-    monkeypatch.setattr(cpu, "write_copy_then_walk",
-                        lambda out, x, *a: (calls.append(tuple(x.shape)), real(out, x, *a)))
-    for shape, box in ((SMALL, BOXES["interior"]), (LARGE, LARGE_BOXES["interior"])):
-        x = make(shape).requires_grad_(True)
-        perm = rand_perm(shape[0])
-        out = F.paste_box(x, perm, box)
-        assert torch.equal(out, reference(x.detach(), perm, box))
-        out.backward(torch.ones_like(out))
-    assert calls == [LARGE, LARGE]  # forward, then backward
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for B in (2, 64):
+        x = make((B, 8, 70, 70)).requires_grad_(not inplace)
+        perm, box = rand_perm(B), LARGE_BOXES["interior"]
+        want = reference(x.detach(), perm, box)
+        Count.n = 0
+        with Count():
+            out = F.paste_box_(x, perm, box) if inplace else F.paste_box(x, perm, box)
+            if not inplace:
+                out.backward(torch.ones_like(out))
+        counts.append(Count.n)
+        assert torch.equal(out.detach(), want)
+    assert counts[0] == counts[1] <= (3 if inplace else 13), counts
 
 
 def test_random_draws_all_kernels_agree():
@@ -371,7 +366,7 @@ def test_feature_cutmix_empty_box_is_identity():
     assert torch.equal(out, x)
 
 
-@pytest.mark.parametrize("shape", [(6, 3, 32, 32), (4, 8, 160, 160)], ids=["gather", "cycle_walk"])
+@pytest.mark.parametrize("shape", [(6, 3, 32, 32), (4, 8, 160, 160)], ids=["small", "large"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cutmix_in_place_equals_out_of_place_and_reference(shape, dtype):
     images = make(shape, dtype)
@@ -387,7 +382,7 @@ def test_cutmix_in_place_equals_out_of_place_and_reference(shape, dtype):
     box = oop.last_mix.box
     assert box[1] > box[0] and box[3] > box[2]
     box_elems = shape[1] * (box[1] - box[0]) * (box[3] - box[2])
-    assert (box_elems >= cpu.GRAIN) == (shape[2] == 160)  # the ids name the path really taken
+    assert (box_elems >= 32768) == (shape[2] == 160)  # ATen's grain: the large box's copies run in parallel
     assert torch.equal(out, reference(before, perm, box))
 
     mixed, t_inp = inp(images, labels)
@@ -422,6 +417,30 @@ def test_bench_mixing_quick_writes_json(tmp_path):
     assert len(data["targets"]) >= 3 and all("measured" in t and "met" in t for t in data["targets"])
 
 
+def test_bench_host_quick_prints_every_row_and_writes_json(tmp_path):
+    out = tmp_path / "host.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench.host", "--quick", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "bench_host" and data["quick"] is True and "environment" in data
+    rows = data["rows"]
+    names = " | ".join(r["row"] for r in rows)
+    for part in ("vs timm Mixup", "vs its paste_box_", "CutMixAt(layer=2) fwd - plain fwd", "vs CutMix(inplace) call",
+                 "mode='elem'", "mode='pair'", "contention: CutMix(inplace)", "contention: x.clone()"):
+        assert part in names, part
+    assert sum("vs timm Mixup" in r["row"] for r in rows) == 2
+    for r in rows:
+        assert isinstance(r["value"], float) and r["us"]
+        if r["op"] is None:
+            assert r["met"] is None
+        else:
+            assert r["met"] == (r["value"] >= r["bound"] if r["op"] == ">=" else r["value"] <= r["bound"])
+            verdict = "MET" if r["met"] else "MISSED"
+            assert any(r["row"] in line and line.rstrip().endswith(verdict) for line in proc.stdout.splitlines())
+
+
 def test_bench_step_quick_writes_json(tmp_path):
     data = run_module("experiments.bench.step", tmp_path / "step.json", timeout=150)
     assert data["benchmark"] == "bench_step" and data["quick"] is True
@@ -445,3 +464,26 @@ def test_bench_compiled_quick_writes_json(tmp_path):
     for r in data["verdicts"]:
         assert r["variant"] == "layer=2" and r["ratio"] > 0 and r["graphs_after_warmup"] >= 0
         assert (r["met"] is None) == (r["mode"] == "eager")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_per_sample_paste_gradient_is_the_adjoint(channels_last):
+    """One box per sample (overlapping, empty, whole, fixed points in the permutation): forward and
+    gradient equal autograd through ``where(inside, x[perm], x)``, bit for bit."""
+    B, H, W = 7, 9, 11
+    x = make((B, 4, H, W))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    perm = torch.tensor([3, 1, 0, 2, 6, 5, 4])  # 1 and 5 keep themselves
+    box = torch.tensor([[1, 8, 2, 9], [0, 9, 0, 11], [4, 4, 0, 5], [2, 7, 3, 6], [0, 9, 0, 11], [5, 9, 6, 11],
+                        [0, 3, 0, 3]]).t()
+    grad_out = make((B, 4, H, W), seed=5)
+    a = x.clone().requires_grad_(True)
+    out = graph.paste_masked(a, perm, F.inverse_permutation(perm), box, 2, 3)
+    out.backward(grad_out)
+    b = x.clone().requires_grad_(True)
+    inside = graph.inside_mask(b, box, 2, 3)
+    want = torch.where(inside, b[perm], b)
+    want.backward(grad_out)
+    assert torch.equal(out.detach(), want.detach())
+    assert torch.equal(a.grad, b.grad)

@@ -1,7 +1,7 @@
 """Per-device implementations of the paste whose contract is ``featmix.functional``.
 
 - ``regions``: the box region of a tensor, and the write-once paste (every element written once);
-- ``cpu``: strategies tuned for CPU caches (a full copy then the box; cycle walks in place);
+- ``cpu``: strategies for CPU (a full copy then the box; a gather in place), a few ops whatever the batch;
 - ``gpu``: one pass over memory on any accelerator (write-once bands, one gather in place);
 - ``graph``: the paste with the box in tensors, for compiled graphs (one gather each way).
 The measurements behind each choice are in the README's benchmark section.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .regions import Box, box_index, write_once
+from .regions import Box, box_view, write_once
 
 
 def write_mixed(out: Tensor, x: Tensor, perm: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
@@ -13,5 +13,5 @@ def write_mixed(out: Tensor, x: Tensor, perm: Tensor, inv_perm: Tensor, box: Box
 
 def paste_in_place(x: Tensor, perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
     """Overwrite ``x``'s box with the partner's: one gather into a box-sized temporary, one copy back."""
-    region = x[box_index(x.dim(), hdim, wdim, box)]
+    region = box_view(x, box, hdim, wdim)
     region.copy_(region.index_select(0, perm))

@@ -8,7 +8,8 @@ every batch.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+import inspect
+from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor
@@ -35,6 +36,22 @@ def source_index(x: Tensor, perm: Tensor, box: Tensor, hdim: int, wdim: int) -> 
     return torch.where(inside_mask(x, box, hdim, wdim), perm.view(_along(x, 0, B)), own)
 
 
+_ARANGES: Dict[Tuple[int, torch.device, bool], Tensor] = {}
+
+
+def _arange(n: int, device: torch.device) -> Tensor:
+    """``torch.arange(n)`` on ``device``, made once per size and device (a fresh one in compiled graphs)."""
+    if torch.compiler.is_compiling():
+        return torch.arange(n, device=device)
+    key = (n, device, torch.is_inference_mode_enabled())
+    t = _ARANGES.get(key)
+    if t is None:
+        if len(_ARANGES) > 64:
+            _ARANGES.clear()
+        t = _ARANGES[key] = torch.arange(n, device=device)
+    return t
+
+
 def _along(x: Tensor, dim: int, size: int) -> List[int]:
     shape = [1] * x.dim()
     shape[dim] = size
@@ -49,9 +66,10 @@ def _along2(x: Tensor, dim: int, size: int) -> List[int]:
 
 def batch_outer_order(x: Tensor) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """Dimension orders (to, back) that make ``x``'s layout contiguous with the batch outermost, or
-    ((), ()) when the batch is not outermost in memory (then the plain layout is used)."""
+    ((), ()) when no reordering is needed or the batch is not outermost in memory (then the plain
+    layout is used)."""
     order = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
-    if order[0] != 0:
+    if order[0] != 0 or order == tuple(range(x.dim())):  # batch not outermost, or the plain layout already
         return (), ()
     return order, tuple(sorted(range(x.dim()), key=order.__getitem__))
 
@@ -85,7 +103,10 @@ class GatherPaste(torch.autograd.Function):
 class PerSamplePaste(torch.autograd.Function):
     """``gather_batch(x, src)`` with one box per sample. A cell may then be read by two samples or by
     none, so the adjoint is not a gather: ``grad_x[j] = grad[j]`` outside box ``j`` plus
-    ``grad[inv[j]]`` inside box ``inv[j]`` (the sample that read from ``j``)."""
+    ``grad[inv[j]]`` inside box ``inv[j]`` (the sample that read from ``j``). On CPU that is one
+    scatter-add of the gradient by the forward's ``src`` (each cell gets at most two terms, so the
+    order of the sum does not matter); elsewhere a masked select, one gather by ``inv`` and one add
+    (deterministic where the scatter-add's atomics are not)."""
 
     @staticmethod
     def forward(x: Tensor, src: Tensor, inside: Tensor, inv_perm: Tensor, to: Tuple[int, ...],
@@ -94,25 +115,48 @@ class PerSamplePaste(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        _, _, inside, inv_perm, _, _ = inputs
-        ctx.save_for_backward(inside, inv_perm)
+        _, src, inside, inv_perm, _, _ = inputs
+        ctx.save_for_backward(src, inside, inv_perm)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        inside, inv_perm = ctx.saved_tensors
+        src, inside, inv_perm = ctx.saved_tensors
+        if inside is None:
+            return torch.zeros_like(grad).scatter_add_(0, src.expand(grad.shape), grad), None, None, None, None, None
         zero = grad.new_zeros(())
-        read_by_partner = torch.where(inside, grad, zero)
-        taken = torch.empty_like(grad)
-        torch.index_select(read_by_partner, 0, inv_perm, out=taken)
+        taken = torch.where(inside, grad, zero).index_select(0, inv_perm)
         return torch.where(inside, zero, grad).add_(taken), None, None, None, None, None
+
+
+def cache_signature(fn: "type[torch.autograd.Function]") -> "type[torch.autograd.Function]":
+    """Class decorator: the ``forward`` signature computed once. ``Function.apply`` binds the call's
+    arguments to it on every call when ``setup_context`` is defined (as ``torch.func`` needs), and
+    ``inspect.signature`` reads ``__signature__`` before building one anew."""
+    fn.forward.__signature__ = inspect.signature(fn.forward)
+    return fn
+
+
+cache_signature(GatherPaste)
+cache_signature(PerSamplePaste)
 
 
 def paste_masked(x: Tensor, perm: Tensor, inv_perm: Tensor, box: Tensor, hdim: int, wdim: int) -> Tensor:
     """``x`` with the tensor ``box`` ((4,) for the batch or (4, B) per sample) taken from ``x[perm]``;
     differentiable (``GatherPaste`` / ``PerSamplePaste``)."""
-    inside = inside_mask(x, box, hdim, wdim)
     B = x.shape[0]
-    src = torch.where(inside, perm.view(_along(x, 0, B)), torch.arange(B, device=x.device).view(_along(x, 0, B)))
+    own = _arange(B, x.device)
+    if box.dim() == 2:  # per sample: the row's source, then one where over the grid (no (B, H, W) mask first)
+        H, W = x.shape[hdim], x.shape[wdim]
+        ys, xs = _arange(H, x.device), _arange(W, x.device)
+        rows = ((ys >= box[0].view(B, 1)) & (ys < box[1].view(B, 1))).view(_along2(x, hdim, H))
+        cols = ((xs >= box[2].view(B, 1)) & (xs < box[3].view(B, 1))).view(_along2(x, wdim, W))
+        row_src = torch.where(rows, perm.view(_along(x, 0, B)), own.view(_along(x, 0, B)))
+        src = torch.where(cols, row_src, own.view(_along(x, 0, B)))
+        # the mask the non-CPU backward reads (the CPU one scatters by src)
+        inside = rows & cols if x.requires_grad and x.device.type != "cpu" and torch.is_grad_enabled() else None
+    else:
+        inside = inside_mask(x, box, hdim, wdim)
+        src = torch.where(inside, perm.view(_along(x, 0, B)), own.view(_along(x, 0, B)))
     to, back = batch_outer_order(x)
     if not (torch.is_grad_enabled() and x.requires_grad):
         return gather_batch(x, src, to, back)

@@ -21,10 +21,20 @@ def box_index(ndim: int, hdim: int, wdim: int, box: Box) -> tuple:
     return index(ndim, hdim, wdim, slice(y1, y2), slice(x1, x2))
 
 
+def box_view(x: Tensor, box: Box, hdim: int, wdim: int) -> Tensor:
+    """The box of every sample of ``x`` as one view (a single ``as_strided``: one op, not a slice per dim).
+
+    Meant for tensors autograd does not track (it would record a generic ``as_strided`` view).
+    """
+    y1, y2, x1, x2 = box
+    size, stride = list(x.shape), x.stride()
+    size[hdim], size[wdim] = y2 - y1, x2 - x1
+    return x.as_strided(size, stride, x.storage_offset() + y1 * stride[hdim] + x1 * stride[wdim])
+
+
 def write_box(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
     """``out``'s box = the partner's box: ``out[inv[j]] = x[j]`` in one kernel, with no temporary."""
-    inside = box_index(x.dim(), hdim, wdim, box)
-    out[inside].index_copy_(0, inv_perm, x[inside])
+    box_view(out, box, hdim, wdim).index_copy_(0, inv_perm, box_view(x, box, hdim, wdim))
 
 
 def write_once(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
