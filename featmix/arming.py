@@ -151,7 +151,7 @@ class MixPass:
         self.image_hw: Optional[Tuple[int, int]] = None
         self.variant, self.rule, self.per_sample = "cutmix", Rule(), False
         self.record: Optional[Placement] = None   # what the chosen site placed in the live forward
-        # Per forward: the live one, the latest finished one, and the backwards running now.
+        # Per forward: the live one and the latest finished one (running backwards are in ``_TASKS``).
         self.current: Optional[MixForward] = None
         self.last: Optional[MixForward] = None
 
