@@ -478,3 +478,25 @@ def test_a_plain_forward_before_a_wrapper_forward_then_its_own_backward_is_not_m
     def make(model):
         return featmix.CutMixAt(model, layer="blocks.1", variant="fixed_size", generator=gen(0)).train()
     assert rel_diff(one_step_grads(Blocks(True), make, steps), one_step_grads(Blocks(), make, steps)) < 1e-5
+
+
+def test_the_sites_are_not_module_calls_of_the_model_so_summaries_see_the_plain_model():
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        w = featmix.CutMixAt(Blocks(), layer=["blocks.0", "blocks.1"], generator=gen(0)).train()
+        w(X, Y)
+        w(X)  # a label-less train forward, as a summary makes
+    finally:
+        handle.remove()
+    assert "FeatureCutMix" not in seen and seen.count("Blocks") == 2
+
+
+def test_a_layer_whose_grid_never_holds_a_box_warns_once():
+    w = featmix.CutMixAt(TinyNet(num_classes=5), layer=4, generator=gen(0)).train()  # 2 x 2 after layer3
+    with pytest.warns(UserWarning, match="never pastes a box on a grid whose shorter side is 1 or 2"):
+        w(torch.randn(4, 3, 8, 8), Y)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w(torch.randn(4, 3, 8, 8), Y)  # once
