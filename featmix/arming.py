@@ -307,7 +307,18 @@ def _compile_hint() -> str:
 
 
 class MixedBatch:
-    """Yielded by ``mixing``: read ``targets`` (and ``record``) after the forward pass."""
+    """Yielded by ``mixing``: read ``targets`` (and ``record``) after the forward pass.
+
+    Raises:
+        RuntimeError: ``targets`` or ``record`` read inside the block (they are ready after it).
+
+    Example:
+        >>> net = torch.nn.Sequential(featmix.FeatureCutMix(), torch.nn.Flatten(), torch.nn.Linear(16, 2)).train()
+        >>> with featmix.mixing(net, torch.tensor([0, 1]), num_classes=2) as batch:
+        ...     _ = net(torch.randn(2, 1, 4, 4))
+        >>> batch.targets.shape
+        torch.Size([2, 2])
+    """
 
     def __init__(self) -> None:
         self._targets: Optional[Tensor] = None

@@ -22,7 +22,18 @@ Box = Tuple[int, int, int, int]
 
 
 def inverse_permutation(perm: Tensor) -> Tensor:
-    """``inv`` with ``inv[perm[i]] = i``."""
+    """``inv`` with ``inv[perm[i]] = i``.
+
+    Args:
+        perm: an int64 permutation (B,).
+
+    Returns:
+        Its inverse (B,).
+
+    Example:
+        >>> featmix.functional.inverse_permutation(torch.tensor([2, 0, 1])).tolist()
+        [1, 2, 0]
+    """
     return perm.argsort()
 
 
@@ -61,8 +72,25 @@ def paste_box(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1,
 def paste_box_(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1) -> Tensor:
     """In place: the box of every sample of ``x`` overwritten by its partner's box; returns ``x``.
 
-    Only the box is read and written. A non-leaf that requires grad is recorded by autograd; a leaf
-    that requires grad or an expanded tensor is a ``ValueError``, whatever the box.
+    Only the box is read and written. A non-leaf that requires grad is recorded by autograd.
+
+    Args:
+        x: the batch (batch on dim 0), written in place.
+        perm: int64 (B,): sample ``i`` takes its box from sample ``perm[i]``.
+        box: (y1, y2, x1, x2), half-open, on dims ``hdim`` and ``wdim``.
+        hdim: the height dim.
+        wdim: the width dim.
+
+    Returns:
+        ``x``.
+
+    Raises:
+        ValueError: ``x`` is a leaf that requires grad, or an expanded tensor (whatever the box).
+
+    Example:
+        >>> x = torch.arange(2.0).view(2, 1, 1, 1).expand(2, 1, 2, 2).contiguous()
+        >>> featmix.functional.paste_box_(x, torch.tensor([1, 0]), (0, 2, 0, 1))[1, 0].tolist()
+        [[0.0, 1.0], [0.0, 1.0]]
     """
     check_writable(x, "x")
     return _paste_checked_(x, perm, box, hdim % x.dim(), wdim % x.dim())
@@ -82,8 +110,26 @@ def _paste_checked_(x: Tensor, perm: Tensor, box: Box, hdim: int, wdim: int) -> 
 
 def paste_box_masked(x: Tensor, perm: Tensor, box: Tensor, hdim: int = -2, wdim: int = -1,
                      inv_perm: Optional[Tensor] = None) -> Tensor:
-    """``paste_box`` with the box as an int64 (4,) tensor: no host values, so one compiled graph serves
-    every batch; each element is read once forward and once backward."""
+    """``paste_box`` with the box as an int64 tensor: no host values, so one compiled graph serves every
+    batch; each element is read once forward and once backward.
+
+    Args:
+        x: the batch (batch on dim 0).
+        perm: int64 (B,): sample ``i`` takes its box from sample ``perm[i]``.
+        box: int64 (4,) = (y1, y2, x1, x2) for the batch, or (4, B), one box per sample.
+        hdim: the height dim.
+        wdim: the width dim.
+        inv_perm: the inverse permutation, when the caller already has it.
+
+    Returns:
+        The mixed tensor; its gradient is the exact adjoint (per-sample boxes included).
+
+    Example:
+        >>> x = torch.arange(2.0).view(2, 1, 1, 1).expand(2, 1, 2, 2).contiguous()
+        >>> box = torch.tensor([[0, 1, 0, 2], [1, 2, 0, 1]]).t()  # one box per sample
+        >>> featmix.functional.paste_box_masked(x, torch.tensor([1, 0]), box)[:, 0].tolist()
+        [[[1.0, 1.0], [0.0, 0.0]], [[1.0, 1.0], [0.0, 1.0]]]
+    """
     hdim, wdim = hdim % x.dim(), wdim % x.dim()
     perm = perm.to(x.device)
     inv_perm = inverse_permutation(perm) if inv_perm is None else inv_perm.to(x.device)
@@ -91,7 +137,21 @@ def paste_box_masked(x: Tensor, perm: Tensor, box: Tensor, hdim: int = -2, wdim:
 
 
 def erase_box(x: Tensor, box: Box, hdim: int = -2, wdim: int = -1) -> Tensor:
-    """New tensor: ``x`` with the box zeroed in every sample (Cutout); differentiable."""
+    """New tensor: ``x`` with the box zeroed in every sample (Cutout); differentiable.
+
+    Args:
+        x: the batch (batch on dim 0).
+        box: (y1, y2, x1, x2), half-open, on dims ``hdim`` and ``wdim``.
+        hdim: the height dim.
+        wdim: the width dim.
+
+    Returns:
+        The erased tensor (``x`` itself for an empty box).
+
+    Example:
+        >>> int(featmix.functional.erase_box(torch.ones(1, 1, 4, 4), (0, 2, 0, 2)).sum())
+        12
+    """
     hdim, wdim = hdim % x.dim(), wdim % x.dim()
     if _empty(box):
         return x
@@ -104,7 +164,24 @@ def erase_box(x: Tensor, box: Box, hdim: int = -2, wdim: int = -1) -> Tensor:
 
 
 def erase_box_(x: Tensor, box: Box, hdim: int = -2, wdim: int = -1) -> Tensor:
-    """In place: the box of every sample of ``x`` zeroed; returns ``x``."""
+    """In place: the box of every sample of ``x`` zeroed; returns ``x``.
+
+    Args:
+        x: the batch, written in place.
+        box: (y1, y2, x1, x2), half-open, on dims ``hdim`` and ``wdim``.
+        hdim: the height dim.
+        wdim: the width dim.
+
+    Returns:
+        ``x``.
+
+    Raises:
+        ValueError: ``x`` is a leaf that requires grad, or an expanded tensor.
+
+    Example:
+        >>> int(featmix.functional.erase_box_(torch.ones(1, 1, 4, 4), (0, 4, 0, 1)).sum())
+        12
+    """
     check_writable(x, "x")
     if _empty(box):
         return x
@@ -117,20 +194,64 @@ def erase_box_(x: Tensor, box: Box, hdim: int = -2, wdim: int = -1) -> Tensor:
 
 
 def blend(x: Tensor, perm: Tensor, lam: Union[float, Tensor]) -> Tensor:
-    """New tensor: ``lam * x + (1 - lam) * x[perm]`` (Mixup) in ``x``'s memory format; ``lam`` a float or
-    broadcastable per sample."""
+    """New tensor: ``lam * x + (1 - lam) * x[perm]`` (Mixup) in ``x``'s memory format.
+
+    Args:
+        x: the batch (batch on dim 0).
+        perm: int64 (B,): the partner of sample ``i`` is ``perm[i]``.
+        lam: a float, or a tensor broadcastable per sample ((B,) is laid along the batch).
+
+    Returns:
+        The blended tensor; gradients reach both partners.
+
+    Example:
+        >>> x = torch.tensor([[0.0], [4.0]])
+        >>> featmix.functional.blend(x, torch.tensor([1, 0]), 0.75).tolist()
+        [[1.0], [3.0]]
+    """
     return _partner(x, perm).lerp_(x, _weight_like(lam, x))
 
 
 def blend_(x: Tensor, perm: Tensor, lam: Union[float, Tensor]) -> Tensor:
-    """In place: ``x = lam * x + (1 - lam) * x[perm]``; returns ``x``."""
+    """In place: ``x = lam * x + (1 - lam) * x[perm]``; returns ``x``.
+
+    Args:
+        x: the batch, written in place.
+        perm: int64 (B,): the partner of sample ``i`` is ``perm[i]``.
+        lam: a float, or a tensor broadcastable per sample.
+
+    Returns:
+        ``x``.
+
+    Raises:
+        ValueError: ``x`` is a leaf that requires grad, or an expanded tensor.
+
+    Example:
+        >>> featmix.functional.blend_(torch.tensor([[0.0], [4.0]]), torch.tensor([1, 0]), 0.5).tolist()
+        [[2.0], [2.0]]
+    """
     check_writable(x, "x")
     return x.lerp_(_partner(x, perm), 1.0 - _weight_like(lam, x))
 
 
 def paste_weighted(x: Tensor, perm: Tensor, own: Tensor, zero_partner: bool = False) -> Tensor:
     """New tensor: ``own * x + (1 - own) * x[perm]`` with a weight map ``own`` broadcastable to ``x``
-    (per-sample boxes and lams); ``zero_partner``: ``own * x`` (Cutout)."""
+    (per-sample boxes and lams).
+
+    Args:
+        x: the batch (batch on dim 0).
+        perm: int64 (B,): the partner of sample ``i`` is ``perm[i]``.
+        own: the weight of each element's own value, broadcastable to ``x``.
+        zero_partner: ``own * x`` instead (Cutout: the partner is zero).
+
+    Returns:
+        The weighted tensor in ``x``'s memory format.
+
+    Example:
+        >>> x = torch.tensor([[0.0, 0.0], [2.0, 2.0]])
+        >>> featmix.functional.paste_weighted(x, torch.tensor([1, 0]), torch.tensor([[1.0, 0.0], [1.0, 1.0]])).tolist()
+        [[0.0, 2.0], [2.0, 2.0]]
+    """
     own = own.to(x.dtype)
     if zero_partner:
         return x * own
@@ -167,6 +288,22 @@ def one_hot_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0,
                     dtype: torch.dtype = torch.float32) -> Tensor:
     """Class indices (B,) or soft targets (B, K) -> float (B, K), smoothed as timm/torch do:
     ``(1 - eps) * y + eps / K``.
+
+    Args:
+        labels: class indices (B,) or soft/multi-hot targets (B, num_classes).
+        num_classes: K.
+        smoothing: eps.
+        dtype: the targets' dtype.
+
+    Returns:
+        float (B, K) targets.
+
+    Raises:
+        IndexError: a class index outside [0, K) (a device-side assert on a GPU).
+
+    Example:
+        >>> featmix.functional.one_hot_targets(torch.tensor([1]), 4, smoothing=0.2).tolist()
+        [[0.05000000074505806, 0.8500000238418579, 0.05000000074505806, 0.05000000074505806]]
 
     Class indices read their rows from a cached table of the smoothed one-hot rows (one op per call;
     the values are bit for bit those of a scatter then the smoothing); an index outside
@@ -211,7 +348,21 @@ def _one_hot_table(num_classes: int, smoothing: float, dtype: torch.dtype, devic
 
 
 def mix_targets(targets: Tensor, perm: Tensor, weight: Union[float, Tensor]) -> Tensor:
-    """``weight * y + (1 - weight) * y[perm]``; ``weight`` a float, a 0-d tensor or one per sample (B,)."""
+    """``weight * y + (1 - weight) * y[perm]``.
+
+    Args:
+        targets: float (B, K) targets.
+        perm: int64 (B,): the partner of sample ``i`` is ``perm[i]``.
+        weight: the own label's weight: a float, a 0-d tensor or one per sample (B,).
+
+    Returns:
+        The mixed (B, K) targets.
+
+    Example:
+        >>> y = torch.eye(2)
+        >>> featmix.functional.mix_targets(y, torch.tensor([1, 0]), 0.75).tolist()
+        [[0.75, 0.25], [0.25, 0.75]]
+    """
     return blend(targets, perm, weight)
 
 

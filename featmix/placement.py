@@ -40,6 +40,11 @@ class Placement:
     weight of each sample's own image (``1 - pasted area / grid area``, Mixup's lam); ``weight`` is
     the weight its own label gets in the targets. ``is_cut`` (per-sample CutMix-or-Mixup only) says
     which samples got a box. On the tensor path ``lam``/``weight`` are float64 tensors.
+
+    Example:
+        >>> where = featmix.place(0.5, (0.5, 0.5), 4, 4)
+        >>> where.grid, where.box, where.lam, where.weight
+        ((4, 4), (1, 3, 1, 3), 0.75, 0.75)
     """
 
     grid: Tuple[int, int]

@@ -117,7 +117,20 @@ class _Family:
         self.model = model
 
     def names(self) -> List[str]:
-        """Module names for indices 1, 2, ...: the stem, then each stage."""
+        """Module names for indices 1, 2, ...: the stem, then each stage.
+
+    Args:
+        model: a timm, torchvision or Hugging Face model, or anything with torchvision's ResNet layout.
+
+    Returns:
+        The module names, in index order (index 0, the input, is not a module); empty when the model's
+        family declares none.
+
+    Example:
+        >>> import torchvision
+        >>> featmix.stage_names(torchvision.models.resnet18())
+        ['relu', 'layer1', 'layer2', 'layer3', 'layer4']
+    """
         return []
 
     def layout(self, name: str) -> dict:
@@ -465,7 +478,20 @@ def _family(model: nn.Module) -> _Family:
 
 
 def stage_names(model: nn.Module) -> List[str]:
-    """Module names for indices 1, 2, ...: the stem, then each stage."""
+    """Module names for indices 1, 2, ...: the stem, then each stage.
+
+    Args:
+        model: a timm, torchvision or Hugging Face model, or anything with torchvision's ResNet layout.
+
+    Returns:
+        The module names, in index order (index 0, the input, is not a module); empty when the model's
+        family declares none.
+
+    Example:
+        >>> import torchvision
+        >>> featmix.stage_names(torchvision.models.resnet18())
+        ['relu', 'layer1', 'layer2', 'layer3', 'layer4']
+    """
     return _family(model).names()
 
 
@@ -523,7 +549,26 @@ def _is_index(layer: object) -> bool:
 
 
 def resolve_layers(model: nn.Module, layer: LayerSpec) -> List[SiteSpec]:
-    """Turn ``layer=`` into the list of candidate mixing sites (one is chosen per batch)."""
+    """Turn ``layer=`` into the list of candidate mixing sites (one is chosen per batch).
+
+    Args:
+        model: the model the sites hook into.
+        layer: an index, a module name, a list of them, ``"random"`` or ``"input"`` (as ``CutMixAt``'s).
+
+    Returns:
+        One ``SiteSpec`` per candidate: the module whose output is mixed, where the hook goes, and the
+        layout of that output as the model declares it.
+
+    Raises:
+        ValueError: an index out of range, an unknown name, a layout the model does not declare.
+        TypeError: a ``layer`` of another type.
+
+    Example:
+        >>> import torchvision
+        >>> spec, = featmix.resolve_layers(torchvision.models.resnet18(), 2)
+        >>> spec.module_name, spec.hook_name
+        ('layer1', 'layer1.1')
+    """
     if _is_index(layer):
         return [_site_for_index(model, int(layer))]
     if isinstance(layer, str):
@@ -548,7 +593,21 @@ def resolve_layers(model: nn.Module, layer: LayerSpec) -> List[SiteSpec]:
 
 
 def infer_num_classes(model: nn.Module) -> int:
-    """The class count from timm's ``num_classes`` or the classifier's ``out_features``."""
+    """The class count from timm's ``num_classes``, a Hugging Face config, or the classifier's ``out_features``.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The class count.
+
+    Raises:
+        ValueError: no class count can be read (pass ``num_classes=``).
+
+    Example:
+        >>> featmix.infer_num_classes(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 7)))
+        7
+    """
     n = getattr(model, "num_classes", None)
     if isinstance(n, int) and not isinstance(n, bool) and n > 0:
         return n

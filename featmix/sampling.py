@@ -39,6 +39,11 @@ class MixDraw:
 
     ``samples`` (per-sample modes only): float64 (6, B), one column of placement parameters per sample
     (rows as in ``featmix.placement``); the scalar fields then describe nothing.
+
+    Example:
+        >>> draw = featmix.MixDraw(mixed=True, lam=0.75, center=(0.5, 0.5), perm=torch.tensor([1, 0]), site=0)
+        >>> draw.place(8, 8).box, draw.place(8, 8).lam
+        ((2, 6, 2, 6), 0.75)
     """
 
     mixed: bool
