@@ -4,7 +4,7 @@
 - ``cpu``: strategies for CPU (a full copy then the box; a gather in place), a few ops whatever the batch;
 - ``gpu``: one pass over memory on any accelerator (write-once bands, one gather in place);
 - ``graph``: the paste with the box in tensors, for compiled graphs (one gather each way).
-The measurements behind each choice are in the README's benchmark section.
+The measurements behind each choice are in the documentation's benchmarks page (docs/benchmarks.md).
 """
 from types import ModuleType
 
