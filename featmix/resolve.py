@@ -117,20 +117,7 @@ class _Family:
         self.model = model
 
     def names(self) -> List[str]:
-        """Module names for indices 1, 2, ...: the stem, then each stage.
-
-    Args:
-        model: a timm, torchvision or Hugging Face model, or anything with torchvision's ResNet layout.
-
-    Returns:
-        The module names, in index order (index 0, the input, is not a module); empty when the model's
-        family declares none.
-
-    Example:
-        >>> import torchvision
-        >>> featmix.stage_names(torchvision.models.resnet18())
-        ['relu', 'layer1', 'layer2', 'layer3', 'layer4']
-    """
+        """Module names for indices 1, 2, ...: the stem, then each stage."""
         return []
 
     def layout(self, name: str) -> dict:
