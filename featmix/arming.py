@@ -23,9 +23,10 @@ same objects.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -230,14 +231,7 @@ class MixPass:
         fwd = self.last
         if fwd is None:
             return
-        hook = _BindBackward(self, fwd)
-        seen: Set[int] = set()
-        for t in _tensors(outputs):
-            node = t.grad_fn
-            if node is not None and id(node) not in seen:
-                seen.add(id(node))
-                node.register_prehook(hook)
-        fwd.watched = bool(seen)
+        fwd.watched = prehook_outputs(outputs, _BindBackward(self, fwd)) > 0
 
     def _bind(self, task: int, fwd: MixForward) -> None:
         entries = _TASKS.get(task)
@@ -280,15 +274,27 @@ class MixPass:
             self.last.released_by.add(id(site))
 
 
-def _tensors(obj: Any) -> Iterator[Tensor]:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, dict):
+def leaves(obj: Any) -> Iterator[Any]:
+    """The leaves of nested mappings, tuples and lists (model outputs, batches), in order."""
+    if isinstance(obj, Mapping):
         for v in obj.values():
-            yield from _tensors(v)
+            yield from leaves(v)
     elif isinstance(obj, (tuple, list)):
         for v in obj:
-            yield from _tensors(v)
+            yield from leaves(v)
+    else:
+        yield obj
+
+
+def prehook_outputs(outputs: Any, hook: Callable[[Any], None]) -> int:
+    """Register ``hook`` once on the autograd node of every tensor in ``outputs``; the number of nodes."""
+    seen: Set[int] = set()
+    for t in leaves(outputs):
+        node = t.grad_fn if isinstance(t, Tensor) else None
+        if node is not None and id(node) not in seen:
+            seen.add(id(node))
+            node.register_prehook(hook)
+    return len(seen)
 
 
 def _compile_hint() -> str:

@@ -196,13 +196,8 @@ class FeatureCutMix(nn.Module):
         the image side / stride). Checked once per pair of sizes; skipped when the image is unknown."""
         if image_hw is None:
             return
-        if _is_compiling():  # plain arithmetic on static sizes: no guard on the cache
-            if not _same_stride(image_hw, grid):
-                raise ValueError(f"the map at {self._name()} is a {grid[0]}x{grid[1]} grid that does not scale like "
-                                 f"the "
-                                 f"{image_hw[0]}x{image_hw[1]} input: pass layout=, grid= or num_prefix_tokens=")
-            return
-        if (image_hw, grid) in self._scales_checked:
+        compiling = _is_compiling()  # then plain arithmetic on static sizes, no guard on the cache
+        if not compiling and (image_hw, grid) in self._scales_checked:
             return
         if not _same_stride(image_hw, grid):
             raise ValueError(f"the map at {self._name()} is laid out as a {grid[0]}x{grid[1]} grid, which does not "
@@ -210,7 +205,8 @@ class FeatureCutMix(nn.Module):
                              f"layout of this layer's output is not the one assumed (hw_dims={self.hw_dims}, "
                              f"num_prefix_tokens={self.num_prefix_tokens}, grid={self.grid}); pass layout= "
                              f"('NCHW', 'NHWC' or 'NLC'), grid= or num_prefix_tokens= to CutMixAt")
-        self._scales_checked.add((image_hw, grid))
+        if not compiling:
+            self._scales_checked.add((image_hw, grid))
 
     def _warn_if_tiny(self, where: Placement) -> None:
         """A grid whose shorter side is 1 or 2 never holds a CutMix box under the paper's rule."""

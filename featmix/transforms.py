@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .arming import MixRecord
+from .arming import MixRecord, leaves
 from .kinds import kind_of, paste, place_tensor
 from .placement import record_box
 from .sampling import MixSampler
@@ -399,24 +399,13 @@ def _default_labels(sample: Any) -> Any:
     return sample[key]
 
 
-def _leaves(obj: Any):
-    if isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _leaves(v)
-    elif isinstance(obj, (tuple, list)):
-        for v in obj:
-            yield from _leaves(v)
-    else:
-        yield obj
-
-
 def _find_images(sample: Any, labels: Any) -> Tensor:
     """The tv_tensors Image/Video of the sample, else its first plain tensor that is not the labels."""
-    leaves = [x for x in _leaves(sample) if isinstance(x, Tensor) and x is not labels]
-    typed = [x for x in leaves if type(x).__name__ in ("Image", "Video") and _from_torchvision(x)]
+    tensors = [x for x in leaves(sample) if isinstance(x, Tensor) and x is not labels]
+    typed = [x for x in tensors if type(x).__name__ in ("Image", "Video") and _from_torchvision(x)]
     if len(typed) > 1:
         raise ValueError(f"the sample holds {len(typed)} images/videos; one batch of images per call is expected")
-    found = typed or [x for x in leaves if type(x) is Tensor]
+    found = typed or [x for x in tensors if type(x) is Tensor]
     if not found:
         first = sample[0] if isinstance(sample, (tuple, list)) and sample else sample
         raise InputTypeError(f"images must be a torch.Tensor of shape (B, C, H, W) (or a tv_tensors.Image/Video); "
@@ -425,7 +414,7 @@ def _find_images(sample: Any, labels: Any) -> Tensor:
 
 
 def _reject_unsupported(sample: Any) -> None:
-    for x in _leaves(sample):
+    for x in leaves(sample):
         name = type(x).__name__
         if (_from_torchvision(x) and name in ("BoundingBoxes", "Mask", "KeyPoints")) or \
                 type(x).__module__.startswith("PIL"):

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover
     from torch.fx._symbolic_trace import is_fx_tracing as is_fx_symbolic_tracing
 
 from . import functional as F
-from .arming import MixPass, MixRecord, _tensors
+from .arming import MixPass, MixRecord, prehook_outputs
 from .layer import FeatureCutMix, find_sites
 from .resolve import LayerSpec, SiteSpec, infer_num_classes, resolve_layers
 from .sampling import MixSampler
@@ -138,7 +138,7 @@ class CutMixAt(nn.Module):
         if spec.module_name is None:
             self._input_site = site
         else:
-            hook = _MixHook(site, spec.module_name, spec.hook_name, getattr(spec, "output_index", None))
+            hook = _MixHook(site, spec.module_name, spec.hook_name, spec.output_index)
             hook.attach(self.model)
             self._hooks.append(hook)
         return site
@@ -400,11 +400,7 @@ class _Untrainable:
 
 def _untrainable(output: Any) -> Any:
     """The plain output of a label-less train-mode forward, with a backward that raises."""
-    seen: set = set()
-    for t in _tensors(output):
-        if t.grad_fn is not None and id(t.grad_fn) not in seen:
-            seen.add(id(t.grad_fn))
-            t.grad_fn.register_prehook(_Untrainable())
+    prehook_outputs(output, _Untrainable())
     return output
 
 
