@@ -65,7 +65,7 @@ def paste_box(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1,
     perm = perm.to(x.device, non_blocking=True)
     inv_perm = inverse_permutation(perm) if inv_perm is None else inv_perm.to(x.device, non_blocking=True)
     if torch.is_grad_enabled() and x.requires_grad:
-        return _PasteBox.apply(x, perm, inv_perm, tuple(box), hdim, wdim)
+        return graph.run(_PasteBox, x, perm, inv_perm, tuple(box), hdim, wdim)
     return _mixed(x, perm, inv_perm, box, hdim, wdim)
 
 
@@ -103,7 +103,7 @@ def _paste_checked_(x: Tensor, perm: Tensor, box: Box, hdim: int, wdim: int) -> 
     if perm.device != x.device:
         perm = perm.to(x.device, non_blocking=True)
     if torch.is_grad_enabled() and x.requires_grad:
-        return _PasteBoxInPlace.apply(x, perm, inverse_permutation(perm), tuple(box), hdim, wdim)
+        return graph.run(_PasteBoxInPlace, x, perm, inverse_permutation(perm), tuple(box), hdim, wdim)
     kernels.for_device(x.device).paste_in_place(x, perm, box, hdim, wdim)
     return x
 
@@ -412,9 +412,6 @@ class _PasteBoxInPlace(torch.autograd.Function):
 
     backward = staticmethod(_PasteBox.backward)
 
-
-graph.cache_signature(_PasteBox)
-graph.cache_signature(_PasteBoxInPlace)
 
 
 __all__ = ["inverse_permutation", "paste_box", "paste_box_", "paste_box_masked", "erase_box", "erase_box_", "blend",

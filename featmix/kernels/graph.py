@@ -8,7 +8,6 @@ every batch.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Dict, List, Tuple
 
 import torch
@@ -128,16 +127,44 @@ class PerSamplePaste(torch.autograd.Function):
         return torch.where(inside, zero, grad).add_(taken), None, None, None, None, None
 
 
-def cache_signature(fn: "type[torch.autograd.Function]") -> "type[torch.autograd.Function]":
-    """Class decorator: the ``forward`` signature computed once. ``Function.apply`` binds the call's
-    arguments to it on every call when ``setup_context`` is defined (as ``torch.func`` needs), and
-    ``inspect.signature`` reads ``__signature__`` before building one anew."""
-    fn.forward.__signature__ = inspect.signature(fn.forward)
-    return fn
+def run(fn: "type[torch.autograd.Function]", *args: object) -> Tensor:
+    """``fn.apply(*args)`` for a ``setup_context``-style Function, without its per-call cost in eager mode.
+
+    ``Function.apply`` binds the call's arguments to ``forward``'s signature (``inspect``) on every call
+    when ``setup_context`` is defined, which ``torch.func`` transforms need. Outside those transforms and
+    outside compiled graphs the call goes to a twin with a ``ctx``-first ``forward`` running the same
+    ``forward``, ``setup_context`` and ``backward``, which ``apply`` calls directly.
+
+    Args:
+        fn: a Function with static ``forward(*args)``, ``setup_context`` and ``backward``.
+        *args: its arguments, positionally.
+
+    Returns:
+        What ``fn.apply(*args)`` returns (the same values and the same gradient).
+    """
+    if _transforms_active() or torch.compiler.is_compiling():
+        return fn.apply(*args)
+    twin = fn.__dict__.get("_eager_twin")
+    if twin is None:
+        twin = _eager_twin(fn)
+        type.__setattr__(fn, "_eager_twin", twin)
+    return twin.apply(*args)
 
 
-cache_signature(GatherPaste)
-cache_signature(PerSamplePaste)
+def _eager_twin(fn: "type[torch.autograd.Function]") -> "type[torch.autograd.Function]":
+    def forward(ctx, *args):
+        output = fn.forward(*args)
+        fn.setup_context(ctx, args, output)
+        return output
+
+    return type(f"{fn.__name__}Eager", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(fn.backward), "__module__": fn.__module__,
+                 "__doc__": f"{fn.__name__} with a ctx-first forward (see ``run``)."})
+
+
+# torch.func transforms (grad, vmap, ...) active: they need the setup_context style (a private query;
+# without it every call takes that style)
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
 def paste_masked(x: Tensor, perm: Tensor, inv_perm: Tensor, box: Tensor, hdim: int, wdim: int) -> Tensor:
@@ -161,5 +188,5 @@ def paste_masked(x: Tensor, perm: Tensor, inv_perm: Tensor, box: Tensor, hdim: i
     if not (torch.is_grad_enabled() and x.requires_grad):
         return gather_batch(x, src, to, back)
     if box.dim() == 1:
-        return GatherPaste.apply(x, src, source_index(x, inv_perm, box, hdim, wdim), to, back)
-    return PerSamplePaste.apply(x, src, inside, inv_perm, to, back)
+        return run(GatherPaste, x, src, source_index(x, inv_perm, box, hdim, wdim), to, back)
+    return run(PerSamplePaste, x, src, inside, inv_perm, to, back)
