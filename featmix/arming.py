@@ -36,7 +36,7 @@ from .kinds import kind_of
 from .layer import FeatureCutMix, find_sites
 from .placement import Placement, Rule, record_box
 from .sampling import MixDraw, MixSampler
-from .transfer import load_draw, stage_draw, unpack_draw
+from .transfer import Parts, load_draw, stage_draw, unpack_draw
 from .validation import check_label_range, check_label_smoothing, check_labels, check_num_classes
 
 
@@ -78,18 +78,18 @@ class MixForward:
     nothing saved for backward aliases storage that the next forward overwrites.
     """
 
-    __slots__ = ("draw", "chosen", "image_hw", "device", "_buf", "_version", "_own", "_host", "_unpacked", "record",
+    __slots__ = ("draw", "chosen", "image_hw", "device", "_buf", "_version", "_own", "_parts", "_unpacked", "record",
                  "bound", "released_by", "replays", "watched")
 
     def __init__(self, draw: MixDraw, chosen: Optional[FeatureCutMix], image_hw: Optional[Tuple[int, int]],
-                 device: torch.device, buf: Optional[Tensor], host: Optional[Tensor] = None) -> None:
+                 device: torch.device, buf: Optional[Tensor], parts: Optional[Parts] = None) -> None:
         self.draw, self.chosen, self.image_hw, self.device = draw, chosen, image_hw, device
         self._buf = buf
         self._version = None if buf is None or buf.is_inference() else buf._version
         self._own: Optional[Tensor] = None
-        # the host tensor the buffer was filled from: new for this draw and never refilled, so on the host
-        # it is the forward's own copy as it stands (no clone)
-        self._host = host if host is not None and host.device == buf.device else None
+        # the host tensors the buffer was packed from: new for this draw and never refilled, so where the
+        # buffer is on the host they are the forward's own copy as they stand (no clone, no views)
+        self._parts = parts if parts is not None and buf.device.type == "cpu" else None
         self._unpacked: Optional[Tuple[Tensor, Tuple[Tensor, Tensor, Tensor]]] = None
         self.record: Optional[Placement] = None
         self.bound = False                          # its backward has started at least once
@@ -105,14 +105,14 @@ class MixForward:
         fresh = buf is not None and buf.device == device and (self._version is None or buf._version == self._version)
         if fresh and not own:
             return buf
-        if self._host is not None and self._host.device == device:
-            self._own = self._host
-        else:
-            self._own = buf.clone() if fresh else load_draw(None, self.draw, device)
+        self._own = buf.clone() if fresh else load_draw(None, self.draw, device)
         return self._own
 
     def unpack(self, batch: int, device: torch.device, own: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        """(perm, inverse perm, params) views of ``tensors(device, own)`` (the views made once per tensor)."""
+        """(perm, inverse perm, params) on ``device``: the host parts themselves on the CPU, else views of
+        ``tensors(device, own)`` (made once per tensor)."""
+        if self._parts is not None and device.type == "cpu":
+            return self._parts
         packed = self.tensors(device, own)
         if self._unpacked is None or self._unpacked[0] is not packed:
             self._unpacked = (packed, unpack_draw(packed, batch))
@@ -174,13 +174,13 @@ class MixPass:
         """
         self.scope = id(self) if scope is None else id(scope)
         chosen = self.sites[draw.site] if draw.mixed else None
-        buf = host = None
+        buf = parts = None
         if chosen is not None:
-            buf, host = stage_draw(chosen._buf, draw, device)
+            buf, parts = stage_draw(chosen._buf, draw, device)
             chosen._buf = buf
         for site in self.sites:
             site._driver = self
-        self.current = MixForward(draw, chosen, image_hw, device, buf, host)
+        self.current = MixForward(draw, chosen, image_hw, device, buf, parts)
         self.chosen, self.record, self.image_hw = chosen, None, image_hw
         self.batch = draw.perm.numel()
         self.variant, self.rule, self.per_sample = draw.variant, draw.rule, draw.per_sample_kind
@@ -288,6 +288,12 @@ def leaves(obj: Any) -> Iterator[Any]:
 
 def prehook_outputs(outputs: Any, hook: Callable[[Any], None]) -> int:
     """Register ``hook`` once on the autograd node of every tensor in ``outputs``; the number of nodes."""
+    if isinstance(outputs, Tensor):  # the common output, without the walk
+        node = outputs.grad_fn
+        if node is None:
+            return 0
+        node.register_prehook(hook)
+        return 1
     seen: Set[int] = set()
     for t in leaves(outputs):
         node = t.grad_fn if isinstance(t, Tensor) else None

@@ -78,14 +78,27 @@ class MixDraw:
         values = (self.lam, *self.center, *self.cut, float(self.rule.kind == "cutmix"))
         return torch.frombuffer(bytearray(struct.pack("<6d", *values)), dtype=torch.float64)
 
+    def parts(self, inverse: bool = True, params: bool = True
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(perm, inverse perm, float64 params) as host tensors new to this call (None for parts left out);
+        params (6,) for a whole-batch draw, (6, B) per sample."""
+        inv = inverse_permutation(self.perm) if inverse else None
+        if not params:
+            return self.perm, inv, None
+        return self.perm, inv, (self.samples if self.samples is not None else self.params())
+
     def packed(self, inverse: bool = True, params: bool = True) -> torch.Tensor:
         """The draw as one host int64 tensor: ``[perm, inverse perm, float64 bits of params]`` (parts optional)."""
-        parts = [self.perm]
-        if inverse:
-            parts.append(inverse_permutation(self.perm))
-        if params:
-            parts.append(self.params().view(torch.int64))
-        return torch.cat(parts) if len(parts) > 1 else self.perm
+        return self.pack(self.parts(inverse, params))
+
+    @staticmethod
+    def pack(parts: Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]) -> torch.Tensor:
+        """``parts`` as one int64 tensor (``transfer.unpack_draw`` reads it back)."""
+        perm, inv, params = parts
+        if inv is None and params is None:
+            return perm
+        tail = [] if params is None else [(params if params.dim() == 1 else params.flatten()).view(torch.int64)]
+        return torch.cat(([perm] if inv is None else [perm, inv]) + tail)
 
 
 def check_generator(generator: object) -> Optional[torch.Generator]:

@@ -8,6 +8,8 @@ from torch import Tensor
 
 from .sampling import MixDraw
 
+Parts = Tuple[Tensor, Optional[Tensor], Optional[Tensor]]
+
 
 def load_draw(buf: Optional[Tensor], draw: MixDraw, device: torch.device, inverse: bool = True,
               params: bool = True) -> Tensor:
@@ -20,17 +22,18 @@ def load_draw(buf: Optional[Tensor], draw: MixDraw, device: torch.device, invers
 
 
 def stage_draw(buf: Optional[Tensor], draw: MixDraw, device: torch.device, inverse: bool = True,
-               params: bool = True) -> Tuple[Tensor, Tensor]:
-    """``load_draw``, and the host tensor it copied from: a new tensor per draw that nothing refills (on
-    CPU it serves as the forward's own copy of the draw, with no second copy)."""
-    host = draw.packed(inverse, params)
+               params: bool = True) -> Tuple[Tensor, Parts]:
+    """``load_draw``, and the host tensors it packed (``MixDraw.parts``): new per draw and never refilled,
+    so on CPU they serve as the forward's own copy of the draw, with no second copy and no views."""
+    parts = draw.parts(inverse, params)
+    host = draw.pack(parts)
     # An inference tensor (made by a first call inside torch.inference_mode) cannot be written outside it.
     if (buf is None or buf.shape != host.shape or buf.device != device
             or (buf.is_inference() and not torch.is_inference_mode_enabled())):
         buf = torch.empty_like(host, device=device)
     if device.type == "cuda":
         host = host.pin_memory()
-    return buf.copy_(host, non_blocking=True), host
+    return buf.copy_(host, non_blocking=True), parts
 
 
 def unpack_draw(buf: Tensor, batch: int, inverse: bool = True, params: bool = True

@@ -316,6 +316,7 @@ class _MixHook:
 
     def __init__(self, site: FeatureCutMix, module_name: str, hook_name: str, output_index: Optional[int]) -> None:
         self.site, self.module_name, self.hook_name, self.output_index = site, module_name, hook_name, output_index
+        self.hook_path = tuple(hook_name.split(".")) if hook_name else ()
         self.module: Optional[nn.Module] = None
 
     def attach(self, model: nn.Module) -> None:
@@ -324,7 +325,14 @@ class _MixHook:
 
     def ensure_attached(self, model: nn.Module) -> None:
         """Re-attach when the hooked module was replaced after wrapping (``convert_sync_batchnorm``, ...)."""
-        if _submodule(model, self.hook_name) is not self.module:
+        module: Optional[nn.Module] = model
+        for name in self.hook_path:  # get_submodule's walk, its plain case first (this runs every batch)
+            child = module._modules.get(name)
+            module = child if child is not None else getattr(module, name, None)  # e.g. a compiled model's
+            if not isinstance(module, nn.Module):
+                module = None
+                break
+        if module is not self.module:
             self.attach(model)
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> Any:
@@ -341,13 +349,6 @@ class _MixHook:
                             f"not a tensor, so it cannot be mixed: choose a module inside it that returns the feature "
                             f"map{hint}")
         return output
-
-
-def _submodule(model: nn.Module, name: str) -> Optional[nn.Module]:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def _detach(model: nn.Module, hooks: List[_MixHook]) -> None:
