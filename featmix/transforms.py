@@ -48,7 +48,8 @@ class _BatchMix(nn.Module):
         self.labels_getter = _labels_getter(labels_getter)
         self.mixup_enabled = True  # timm's train.py sets it to False at --mixup-off-epoch
         self.last_mix: Optional[MixRecord] = None
-        self.draw_buffer: Optional[Tensor] = None  # the draw on the images' device (storage kept across calls)
+        # the draw on the images' device when it is not the CPU (storage kept across calls, as CUDA graphs need)
+        self.draw_buffer: Optional[Tensor] = None
 
     def forward(self, *inputs: Any) -> Any:
         if len(inputs) == 2 and type(inputs[0]) is Tensor and type(inputs[1]) is Tensor:
@@ -75,11 +76,14 @@ class _BatchMix(nn.Module):
             return images, targets
         per_sample = draw.samples is not None
         inverse = draw.kind == "cutmix" and not (self.inplace and not per_sample)
-        self._set("draw_buffer", load_draw(self.draw_buffer, draw, images.device, inverse, params=per_sample))
-        packed = self.draw_buffer
-        if torch.is_grad_enabled() and (images.requires_grad or getattr(labels, "requires_grad", False)):
-            packed = packed.clone()  # autograd keeps the permutation: not the buffer the next call refills
-        perm, inv, params = unpack_draw(packed, images.shape[0], inverse, params=per_sample)
+        if images.device.type == "cpu":  # the host draw itself: new for this call, nothing refills it
+            perm, inv, params = draw.parts(inverse, per_sample)
+        else:
+            self._set("draw_buffer", load_draw(self.draw_buffer, draw, images.device, inverse, params=per_sample))
+            packed = self.draw_buffer
+            if torch.is_grad_enabled() and (images.requires_grad or getattr(labels, "requires_grad", False)):
+                packed = packed.clone()  # autograd keeps the permutation: not the buffer the next call refills
+            perm, inv, params = unpack_draw(packed, images.shape[0], inverse, params=per_sample)
         h, w = images.shape[-2:]
         where = (place_tensor(params, h, w, draw.variant, draw.rule, draw.per_sample_kind) if per_sample
                  else draw.place(h, w))

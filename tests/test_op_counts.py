@@ -76,11 +76,11 @@ NET_LABELS = torch.randint(0, K, (8,), generator=gen(3))
 
 # entry point -> (ops, device kernels) at most; the counts before issue 21 in the comments
 BUDGETS: Dict[str, Tuple[int, int]] = {
-    "CutMix(inplace)": (9, 6),            # before: (13, 7)
-    "CutMix": (15, 7),                    # before: (19, 8)
-    "Mixup": (8, 6),                      # before: (11, 7)
-    "Cutout": (7, 4),                     # before: (12, 5)
-    "CutMix(mode=elem)": (75, 33),        # before: (119, 50)
+    "CutMix(inplace)": (8, 5),            # before: (13, 7)
+    "CutMix": (11, 6),                    # before: (19, 8)
+    "Mixup": (7, 5),                      # before: (11, 7)
+    "Cutout": (6, 3),                     # before: (12, 5)
+    "CutMix(mode=elem)": (64, 32),        # before: (119, 50)
     "CutMixAt": (15, 7),                  # before: (33, 10), over the plain forward
     "CutMixAt(mode=elem)": (72, 36),      # before: (132, 55), over the plain forward
     "mixing": (15, 7),                    # before: (33, 10), over the plain forward
