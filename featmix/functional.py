@@ -62,8 +62,8 @@ def paste_box(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1,
     hdim, wdim = hdim % x.dim(), wdim % x.dim()
     if _empty(box):
         return x
-    perm = perm.to(x.device, non_blocking=True)
-    inv_perm = inverse_permutation(perm) if inv_perm is None else inv_perm.to(x.device, non_blocking=True)
+    perm = _on(perm, x)
+    inv_perm = inverse_permutation(perm) if inv_perm is None else _on(inv_perm, x)
     if torch.is_grad_enabled() and x.requires_grad:
         return graph.run(_PasteBox, x, perm, inv_perm, tuple(box), hdim, wdim)
     return _mixed(x, perm, inv_perm, box, hdim, wdim)

@@ -10,6 +10,7 @@ same from batch to batch and the buffer's metadata, so no batch triggers a recom
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import TYPE_CHECKING, Callable, Optional, Tuple
@@ -169,8 +170,7 @@ class FeatureCutMix(nn.Module):
             raise ValueError(f"the map at {self._name()} has batch size {x.shape[0]}, but the batch was drawn for "
                              f"{batch} labels: pass one label per image")
         if self.num_chs is not None:
-            cdim = 2 if x.dim() == 3 else next(d for d in range(1, x.dim())
-                                              if d not in {h % x.dim() for h in self.hw_dims})
+            cdim = 2 if x.dim() == 3 else _channel_dim(x.dim(), self.hw_dims)
             if x.shape[cdim] != self.num_chs:
                 raise ValueError(f"the map at {self._name()} has shape {tuple(x.shape)}: expected {self.num_chs} "
                                  f"channels on dim {cdim} (from the model's feature_info), got {x.shape[cdim]}; "
@@ -230,6 +230,12 @@ class FeatureCutMix(nn.Module):
         if self.grid is not None:
             parts.append(f"grid={self.grid}")
         return ", ".join(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def _channel_dim(ndim: int, hw_dims: Tuple[int, int]) -> int:
+    """The first dim after the batch that is not one of ``hw_dims``."""
+    return next(d for d in range(1, ndim) if d not in {h % ndim for h in hw_dims})
 
 
 def _same_stride(image_hw: Tuple[int, int], grid: Tuple[int, int]) -> bool:

@@ -267,9 +267,9 @@ class MixSampler:
 
     def current_prob(self) -> float:
         """The gate probability for the next batch (ramps linearly for variant='scheduled')."""
-        if self.variant == "scheduled":
-            return self.prob * min(1.0, self.step / float(self.total_steps))
-        return self.prob
+        if self._variant == "scheduled":
+            return self._prob * min(1.0, self.step / float(self._total_steps))
+        return self._prob
 
     def draw(self, batch_size: int, num_sites: int = 1) -> MixDraw:
         """Draw gate, lam, centre, permutation and site for one batch.
@@ -284,16 +284,16 @@ class MixSampler:
         g = self._stream()
         p = self.current_prob()
         self.step += 1
+        variant = self._variant
         u = torch.rand(5, generator=g, dtype=torch.float64).tolist()  # gate, centre y, x, site, lam
-        lam = self._beta(g, u[4], self._alpha, self._conc)
+        lam = u[4] if self._alpha == 1.0 else self._beta(g, u[4], self._alpha, self._conc)
         perm = torch.randperm(batch_size, generator=g)
-        center = self._center(u[1], u[2], g)
-        if self.variant == "fixed_size":
+        center = (u[1], u[2]) if variant != "center_gaussian" else self._center(u[1], u[2], g)
+        if variant == "fixed_size":
             lam = 0.75
         site = min(int(u[3] * num_sites), num_sites - 1)
-        mixed = bool(u[0] < p) and batch_size > self._min_batch
-        draw = MixDraw(mixed=mixed, lam=lam, center=center, perm=perm, site=site, variant=self.variant,
-                       rule=self._rule)
+        mixed = u[0] < p and batch_size > self._min_batch
+        draw = MixDraw(mixed, lam, center, perm, site, variant, self._rule)
         if self.mode != "batch":
             return self._per_sample(draw, batch_size, p, g)
         if self.kind == "cutmix" and self.cutmix_minmax is None:

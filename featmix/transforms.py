@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .arming import MixRecord, leaves
-from .kinds import kind_of, paste, place_tensor
+from .kinds import kind_of, place_tensor
 from .placement import record_box
 from .sampling import MixSampler
 from .transfer import load_draw, unpack_draw
@@ -67,32 +67,34 @@ class _BatchMix(nn.Module):
     def _mix(self, images: Tensor, labels: Optional[Tensor]) -> Tuple[Tensor, Any]:
         """Mix one batch: (images, targets), with the draw, placement and paste of the sampler's kind."""
         num_classes = self._check(images, labels)
+        shape, device = images.shape, images.device
         if not self.mixup_enabled:
-            return images, self._targets(labels, num_classes, images.device)
-        draw = self.sampler.draw(images.shape[0])
-        targets = self._targets(labels, num_classes, images.device)
+            return images, self._targets(labels, num_classes, device)
+        draw = self.sampler.draw(shape[0])
+        targets = self._targets(labels, num_classes, device)
         if not draw.mixed:
             self._set("last_mix", None)
             return images, targets
         per_sample = draw.samples is not None
         inverse = draw.kind == "cutmix" and not (self.inplace and not per_sample)
-        if images.device.type == "cpu":  # the host draw itself: new for this call, nothing refills it
+        if device.type == "cpu":  # the host draw itself: new for this call, nothing refills it
             perm, inv, params = draw.parts(inverse, per_sample)
         else:
-            self._set("draw_buffer", load_draw(self.draw_buffer, draw, images.device, inverse, params=per_sample))
+            self._set("draw_buffer", load_draw(self.draw_buffer, draw, device, inverse, params=per_sample))
             packed = self.draw_buffer
             if torch.is_grad_enabled() and (images.requires_grad or getattr(labels, "requires_grad", False)):
                 packed = packed.clone()  # autograd keeps the permutation: not the buffer the next call refills
-            perm, inv, params = unpack_draw(packed, images.shape[0], inverse, params=per_sample)
-        h, w = images.shape[-2:]
+            perm, inv, params = unpack_draw(packed, shape[0], inverse, params=per_sample)
+        h, w = shape[-2:]
         where = (place_tensor(params, h, w, draw.variant, draw.rule, draw.per_sample_kind) if per_sample
                  else draw.place(h, w))
-        images = paste(images, where, perm, inv, images.dim() - 2, images.dim() - 1, self.inplace)
+        kind = kind_of(where.kind)
+        images = kind.paste(images, where, perm, inv, len(shape) - 2, len(shape) - 1, self.inplace)
         self._set("last_mix", MixRecord(0, where.grid, record_box(where.box), where.lam, where.weight, where.kind,
                                         draw.perm, where.is_cut))
         if not isinstance(targets, Tensor) or targets.dim() != 2:
             return images, targets
-        return images, kind_of(where.kind).mix_targets(targets, perm, where)
+        return images, kind.mix_targets(targets, perm, where)
 
     def _check(self, images: object, labels: object) -> Optional[int]:
         """Validate the batch once; the class count (from num_classes or 2-D labels)."""
