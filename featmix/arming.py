@@ -177,7 +177,7 @@ class MixPass:
         buf = parts = None
         if chosen is not None:
             buf, parts = stage_draw(chosen._buf, draw, device)
-            chosen._buf = buf
+            chosen.__dict__["_buf"] = buf  # a plain attribute (nn.Module.__setattr__ checks for parameters)
         for site in self.sites:
             site._driver = self
         self.current = MixForward(draw, chosen, image_hw, device, buf, parts)
@@ -203,8 +203,9 @@ class MixPass:
                                f"model.train()); choose a module the forward calls{_compile_hint()}")
         fwd.record = placed
         # Tensor values may live in a CUDA graph's output pool, overwritten by the next replay: keep copies.
-        values = (record_box(placed.box), placed.lam, placed.weight, placed.is_cut)
-        box, lam, weight, is_cut = (v.clone() if isinstance(v, Tensor) else v for v in values)
+        box, lam, weight, is_cut = record_box(placed.box), placed.lam, placed.weight, placed.is_cut
+        if isinstance(box, Tensor) or isinstance(lam, Tensor):
+            box, lam, weight, is_cut = (v.clone() if isinstance(v, Tensor) else v for v in (box, lam, weight, is_cut))
         return MixRecord(site.label, placed.grid, box, lam, weight, placed.kind, fwd.draw.perm, is_cut)
 
     def abort(self) -> None:
