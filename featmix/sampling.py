@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from .functional import inverse_permutation
-from .kinds import KINDS, kind_of, place, place_tensor
+from .kinds import KINDS, kind_of, place_tensor
 from .placement import CUT_H, CUT_W, CX, CY, IS_CUT, LAM, Box, Placement, Rule, box_on_grid
 from .validation import check_flag, check_int, check_real
 
@@ -65,7 +65,7 @@ class MixDraw:
         """Region, corrected lam and label weight on an h x w grid (``featmix.placement``)."""
         if self.samples is not None:
             return place_tensor(self.samples, h, w, self.variant, self.rule, self.per_sample_kind)
-        return place(self.lam, self.center, h, w, self.variant, self.rule, self.cut)
+        return kind_of(self.rule.kind).place(self.lam, self.center, h, w, self.variant, self.rule, self.cut)
 
     def box_on_grid(self, h: int, w: int) -> Box:
         """The CutMix box alone on an h x w grid (reference rule: truncation, clipping)."""

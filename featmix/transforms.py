@@ -47,7 +47,7 @@ class _BatchMix(nn.Module):
         self.inplace = check_flag(inplace, "inplace")
         self.labels_getter = _labels_getter(labels_getter)
         self.mixup_enabled = True  # timm's train.py sets it to False at --mixup-off-epoch
-        self.last_mix: Optional[MixRecord] = None
+        self._placed: Any = None  # the latest mix: (placement, perm) until ``last_mix`` makes its record
         # the draw on the images' device when it is not the CPU (storage kept across calls, as CUDA graphs need)
         self.draw_buffer: Optional[Tensor] = None
 
@@ -73,7 +73,7 @@ class _BatchMix(nn.Module):
         draw = self.sampler.draw(shape[0])
         targets = self._targets(labels, num_classes, device)
         if not draw.mixed:
-            self._set("last_mix", None)
+            self._set("_placed", None)
             return images, targets
         per_sample = draw.samples is not None
         inverse = draw.kind == "cutmix" and not (self.inplace and not per_sample)
@@ -90,11 +90,22 @@ class _BatchMix(nn.Module):
                  else draw.place(h, w))
         kind = kind_of(where.kind)
         images = kind.paste(images, where, perm, inv, len(shape) - 2, len(shape) - 1, self.inplace)
-        self._set("last_mix", MixRecord(0, where.grid, record_box(where.box), where.lam, where.weight, where.kind,
-                                        draw.perm, where.is_cut))
+        self._set("_placed", (where, draw.perm))
         if not isinstance(targets, Tensor) or targets.dim() != 2:
             return images, targets
         return images, kind.mix_targets(targets, perm, where)
+
+    @property
+    def last_mix(self) -> Optional[MixRecord]:
+        """The ``MixRecord`` of the latest mixed batch (None when it was not mixed), made when first read."""
+        placed = self.__dict__["_placed"]
+        if placed is None or isinstance(placed, MixRecord):
+            return placed
+        where, perm = placed
+        record = MixRecord(0, where.grid, record_box(where.box), where.lam, where.weight, where.kind, perm,
+                           where.is_cut)
+        self._set("_placed", record)
+        return record
 
     def _check(self, images: object, labels: object) -> Optional[int]:
         """Validate the batch once; the class count (from num_classes or 2-D labels)."""

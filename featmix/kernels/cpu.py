@@ -25,6 +25,9 @@ from .regions import Box, box_view, write_box, write_once
 # at::internal::GRAIN_SIZE: from this many elements per slice ATen's CPU index_select copies slice by
 # slice, each copy a parallel region of its own; below it, one parallel loop over the slices
 GRAIN = 32768
+# up to this many elements an in-place paste gathers the whole batch, then copies the box out of it
+# (the crossover measured in docs/benchmarks.md)
+SMALL = 1 << 17
 
 
 def write_mixed(out: Tensor, x: Tensor, perm: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
@@ -56,8 +59,9 @@ def write_copy_then_gather(out: Tensor, x: Tensor, perm: Tensor, folds: Tuple[Te
 def paste_in_place(x: Tensor, perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
     """Overwrite ``x``'s box with the partner's: one gather into a box-sized temporary, one copy back.
 
-    Boxes of fewer than ``GRAIN`` elements per sample are gathered by ``index_select`` (one parallel
-    gather over the batch); larger ones by ``index_select`` over the folded view where the batch folds
+    Batches of at most ``SMALL`` elements gather the whole batch (contiguous rows: fewer, longer copies)
+    and copy its box; boxes of fewer than ``GRAIN`` elements per sample are gathered by ``index_select``
+    (one parallel gather over the batch); larger ones by ``index_select`` over the folded view where the batch folds
     (one parallel loop over its slices), else by advanced indexing (one kernel over all elements)."""
     folds = _folds(x, box, hdim, wdim)
     if folds is not None:
@@ -65,7 +69,11 @@ def paste_in_place(x: Tensor, perm: Tensor, box: Box, hdim: int, wdim: int) -> N
         region.copy_(region.index_select(0, fold_index(perm, k)))
         return
     region = box_view(x, box, hdim, wdim)
-    region.copy_(region[perm] if region.numel() >= GRAIN * max(region.shape[0], 1) else region.index_select(0, perm))
+    if x.numel() <= SMALL:  # host-bound: a gather of the whole batch runs faster than one of the box's short rows
+        region.copy_(box_view(x.index_select(0, perm), box, hdim, wdim))
+    else:
+        region.copy_(region[perm] if region.numel() >= GRAIN * max(region.shape[0], 1) else
+                     region.index_select(0, perm))
 
 
 def fold_index(perm: Tensor, k: int) -> Tensor:
