@@ -501,7 +501,7 @@ def test_bench_host_quick_prints_every_row_and_writes_json(tmp_path):
     assert data["benchmark"] == "bench_host" and data["quick"] is True and "environment" in data
     rows = data["rows"]
     names = " | ".join(r["row"] for r in rows)
-    for part in ("vs timm Mixup", "vs its paste_box_", "CutMixAt(layer=2) fwd - plain fwd", "vs CutMix(inplace) call",
+    for part in ("vs timm Mixup", "vs its paste_box_", "CutMixAt(layer=2) fwd - plain fwd", "vs CutMix(inplace) + plain fwd",
                  "mode='elem'", "mode='pair'", "contention: CutMix(inplace)", "contention: x.clone()"):
         assert part in names, part
     assert sum("vs timm Mixup" in r["row"] for r in rows) == 2
