@@ -178,8 +178,9 @@ class MixPass:
         if chosen is not None:
             buf, parts = stage_draw(chosen._buf, draw, device)
             chosen.__dict__["_buf"] = buf  # a plain attribute (nn.Module.__setattr__ checks for parameters)
-        for site in self.sites:
-            site._driver = self
+        for site in self.sites:  # passes may share sites (two wrappers on one model): this one drives them now
+            if site.__dict__.get("_driver") is not self:
+                site.__dict__["_driver"] = self  # a plain attribute (nn.Module.__setattr__ checks for parameters)
         self.current = MixForward(draw, chosen, image_hw, device, buf, parts)
         self.chosen, self.record, self.image_hw = chosen, None, image_hw
         self.batch = draw.perm.numel()

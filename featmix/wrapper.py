@@ -258,8 +258,9 @@ class CutMixAt(nn.Module):
             raise RuntimeError(f"the model returned logits of shape {tuple(logits.shape)}, but the wrapper builds "
                                f"targets for num_classes={self.num_classes}: call wrapper.reset_classifier(n) (not the "
                                f"inner model's) after changing the classifier, or pass num_classes=")
-        targets = self._pass.targets(labels.to(logits.device), self.num_classes, record, self.label_smoothing,
-                                     _target_dtype(logits))
+        if labels.device != logits.device:
+            labels = labels.to(logits.device)
+        targets = self._pass.targets(labels, self.num_classes, record, self.label_smoothing, _target_dtype(logits))
         self._pass.watch_backward(output)
         self.__dict__["last_mix"] = record  # a plain attribute, without nn.Module.__setattr__'s bookkeeping
         return targets
