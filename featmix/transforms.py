@@ -74,12 +74,17 @@ class _BatchMix(nn.Module):
             self._set("last_mix", None)
             return images, targets
         per_sample = draw.samples is not None
-        inverse = draw.kind == "cutmix" and not (self.inplace and not per_sample)
-        self._set("draw_buffer", load_draw(self.draw_buffer, draw, images.device, inverse, params=per_sample))
-        packed = self.draw_buffer
-        if torch.is_grad_enabled() and (images.requires_grad or getattr(labels, "requires_grad", False)):
-            packed = packed.clone()  # autograd keeps the permutation: not the buffer the next call refills
-        perm, inv, params = unpack_draw(packed, images.shape[0], inverse, params=per_sample)
+        if per_sample and images.device.type == "cpu":  # the host draw is on the batch's device: used as drawn
+            # (a batch of one as unpack_draw reads it: one (6,) column)
+            perm, inv, params = draw.perm, None, draw.samples if images.shape[0] > 1 else draw.samples.view(-1)
+        else:
+            # the inverse permutation: a whole-batch CutMix's out-of-place paste (per sample: made where needed)
+            inverse = draw.kind == "cutmix" and not (self.inplace or per_sample)
+            self._set("draw_buffer", load_draw(self.draw_buffer, draw, images.device, inverse, params=per_sample))
+            packed = self.draw_buffer
+            if torch.is_grad_enabled() and (images.requires_grad or getattr(labels, "requires_grad", False)):
+                packed = packed.clone()  # autograd keeps the permutation: not the buffer the next call refills
+            perm, inv, params = unpack_draw(packed, images.shape[0], inverse, params=per_sample)
         h, w = images.shape[-2:]
         where = (place_tensor(params, h, w, draw.variant, draw.rule, draw.per_sample_kind) if per_sample
                  else draw.place(h, w))
