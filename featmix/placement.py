@@ -168,10 +168,11 @@ def centred_box_tensor(params: Tensor, h: int, w: int) -> Tuple[Tensor, Tensor]:
         consts = _SIDES[key] = (side, side - 1, half, torch.zeros((), **f64))
     side, last, half, zero = consts
     cols = params if params.dim() == 2 else params.view(-1, 1)
-    edges = torch.sqrt(1.0 - cols[LAM]).mul(half).trunc_()                 # (2, 2, B): -half, +half per side
+    edges = (1.0 - cols[LAM]).sqrt_().mul(half).trunc_()                    # (2, 2, B): -half, +half per side
     centre = cols[CY:CX + 1].unsqueeze(1).mul(side).floor_().clamp_(max=last)  # (2, 1, B): cy, cx
     edges = edges.add_(centre).clamp_(zero, side)                             # (2, 2, B): lo, hi per side
-    kept = 1.0 - (edges[:, 1] - edges[:, 0]).prod(0).div_(float(h * w))
+    sides = edges[:, 1] - edges[:, 0]
+    kept = 1.0 - sides[0].mul_(sides[1]).div_(float(h * w))
     box = edges.view(4, -1).long()
     return (box, kept) if params.dim() == 2 else (box.view(4), kept.view(()))
 

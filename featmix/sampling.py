@@ -317,16 +317,19 @@ class MixSampler:
         if self.variant == "fixed_size":
             rows[LAM] = 0.75
         u = torch.rand(batch, generator=g, dtype=torch.float64)  # the gate: sample i mixes when u[i] < p
+        everyone = p >= 1.0  # u < 1: every sample mixes
         perm = draw.perm
         if self.mode == "pair":  # both members of a pair take the first member's column and gate
             perm, lead = _pairing(draw.perm)
-            rows, u = rows.index_select(1, lead), u.index_select(0, lead)
-        off = u >= p
-        rows[LAM].masked_fill_(off, 1.0)  # an unmixed sample keeps itself
+            rows = rows.index_select(1, lead)
+            u = u if everyone else u.index_select(0, lead)
+        off = None if everyone else u >= p
+        if off is not None:
+            rows[LAM].masked_fill_(off, 1.0)  # an unmixed sample keeps itself
         if self.kind == "cutout":
-            rows[CUT_H] = rows[CUT_W] = torch.where(off, 0.0, self.cutout_size)
+            rows[CUT_H] = rows[CUT_W] = self.cutout_size if off is None else torch.where(off, 0.0, self.cutout_size)
         return _replace(draw, perm=perm, samples=rows, per_sample_kind=self.kind == "cutmix_or_mixup",
-                        mixed=batch > self._min_batch and u.min().item() < p)
+                        mixed=batch > self._min_batch and (everyone or u.min().item() < p))
 
     def _stream(self) -> Optional[torch.Generator]:
         """The generator to draw from; in a DataLoader worker, reseeded once for that worker."""
