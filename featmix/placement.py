@@ -168,11 +168,12 @@ def centred_box_tensor(params: Tensor, h: int, w: int) -> Tuple[Tensor, Tensor]:
         consts = _SIDES[key] = (side, side - 1, half, torch.zeros((), **f64))
     side, last, half, zero = consts
     cols = params if params.dim() == 2 else params.view(-1, 1)
-    edges = (1.0 - cols[LAM]).sqrt_().mul(half).trunc_()                    # (2, 2, B): -half, +half per side
+    edges = torch.rsub(cols[LAM], 1.0).sqrt_().mul(half).trunc_()          # (2, 2, B): -half, +half per side
     centre = cols[CY:CX + 1].unsqueeze(1).mul(side).floor_().clamp_(max=last)  # (2, 1, B): cy, cx
     edges = edges.add_(centre).clamp_(zero, side)                             # (2, 2, B): lo, hi per side
-    sides = edges[:, 1] - edges[:, 0]
-    kept = 1.0 - sides[0].mul_(sides[1]).div_(float(h * w))
+    lo, hi = edges.unbind(1)
+    height, width = hi.sub(lo).unbind(0)
+    kept = torch.rsub(height.mul_(width).div_(float(h * w)), 1.0)
     box = edges.view(4, -1).long()
     return (box, kept) if params.dim() == 2 else (box.view(4), kept.view(()))
 

@@ -79,10 +79,10 @@ BUDGETS: Dict[str, Tuple[int, int]] = {
     "CutMix": (15, 7),                    # before: (19, 8)
     "Mixup": (8, 6),                      # before: (11, 7)
     "Cutout": (7, 4),                     # before: (12, 5)
-    "CutMix(mode=elem)": (57, 27),        # before: (119, 50), then (75, 33)
-    "CutMix(mode=pair)": (64, 27),        # before: (84, 33)
+    "CutMix(mode=elem)": (49, 26),        # before: (119, 50), then (75, 33)
+    "CutMix(mode=pair)": (56, 26),        # before: (84, 33)
     "CutMixAt": (20, 7),                  # before: (33, 10), over the plain forward
-    "CutMixAt(mode=elem)": (72, 31),      # before: (132, 55), then (78, 36), over the plain forward
+    "CutMixAt(mode=elem)": (70, 31),      # before: (132, 55), then (78, 36), over the plain forward
     "mixing": (20, 7),                    # before: (33, 10), over the plain forward
 }
 

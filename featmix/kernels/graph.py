@@ -210,8 +210,9 @@ BIT_SELECT_MAX = 32768
 # grids of at most this many cells (its edge table has 2 * (H + W + 2) rows of H * W cells)
 BIT_SELECT_MAX_CELLS = 4096
 
-# element size in bytes -> the integer dtype whose bits stand for an element in select_bits
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# element size in bytes -> the integer dtype whose bits stand for an element in select_bits (signed: all
+# ones is -1, so the max of masks is their and)
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 # (h, w, h first, bits dtype, device, inference mode) -> (edge table, its row offsets, the offsets' upper bounds)
 _EDGE_TABLES: Dict[tuple, Tuple[Tensor, Tensor, Tensor]] = {}
@@ -255,7 +256,7 @@ def select_bits(x: Tensor, perm: Tensor, box: Tensor, hdim: int, wdim: int) -> T
     ``out = x ^ ((x[perm] ^ x) & inside)`` on the elements' bits (an integer view), where ``inside`` is all
     ones in the box and zero outside: every value comes through unchanged from ``x`` or ``x[perm]`` (NaN
     payloads and signed zeros included). ``inside`` is four rows of a cached table of edge masks over the
-    grid (one ``index_select``) and-ed together, broadcast over the other dims, so the ops are few,
+    grid (one ``index_select``) and-ed together (their max), broadcast over the other dims, so the ops are few,
     contiguous and vectorized whatever the batch.
 
     Args:
@@ -271,10 +272,9 @@ def select_bits(x: Tensor, perm: Tensor, box: Tensor, hdim: int, wdim: int) -> T
     B, H, W = x.shape[0], x.shape[hdim], x.shape[wdim]
     bits = _BITS[x.element_size()]
     table, offsets, limits = _edge_table(H, W, hdim < wdim, bits, x.device)
-    edges = table.index_select(0, (box + offsets).clamp_(offsets, limits).view(-1)).view(2, 2 * B, H * W)
-    edges = edges[0].bitwise_and_(edges[1]).view(2, B, H * W)  # inside the rows, inside the columns
+    edges = table.index_select(0, (box + offsets).clamp_(offsets, limits).view(-1)).view(4, B, H * W)
     shape = [1] * x.dim()
     shape[0], shape[hdim], shape[wdim] = B, H, W
-    inside = edges[0].bitwise_and_(edges[1]).view(shape)
+    inside = edges.amax(0).view(shape)  # all ones where all four are: the and of the four edges' masks
     own = x.view(bits)
     return x.index_select(0, perm).view(bits).bitwise_xor_(own).bitwise_and_(inside).bitwise_xor_(own).view(x.dtype)
