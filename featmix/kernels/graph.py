@@ -272,7 +272,7 @@ def select_bits(x: Tensor, perm: Tensor, box: Tensor, hdim: int, wdim: int) -> T
     B, H, W = x.shape[0], x.shape[hdim], x.shape[wdim]
     bits = _BITS[x.element_size()]
     table, offsets, limits = _edge_table(H, W, hdim < wdim, bits, x.device)
-    edges = table.index_select(0, (box + offsets).clamp_(offsets, limits).view(-1)).view(4, B, H * W)
+    edges = table.index_select(0, (box + offsets).clamp_(offsets, limits).reshape(-1)).view(4, B, H * W)
     shape = [1] * x.dim()
     shape[0], shape[hdim], shape[wdim] = B, H, W
     inside = edges.amax(0).view(shape)  # all ones where all four are: the and of the four edges' masks
