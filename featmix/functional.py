@@ -131,9 +131,11 @@ def paste_box_masked(x: Tensor, perm: Tensor, box: Tensor, hdim: int = -2, wdim:
         [[[1.0, 1.0], [0.0, 0.0]], [[1.0, 1.0], [0.0, 1.0]]]
     """
     hdim, wdim = hdim % x.dim(), wdim % x.dim()
-    perm = perm.to(x.device)
-    inv_perm = inverse_permutation(perm) if inv_perm is None else inv_perm.to(x.device)
-    return graph.paste_masked(x, perm, inv_perm, box.to(x.device), hdim, wdim)
+    device = x.device
+    perm = perm if perm.device == device else perm.to(device)
+    inv_perm = inv_perm if inv_perm is None or inv_perm.device == device else inv_perm.to(device)
+    box = box if box.device == device else box.to(device)
+    return graph.paste_masked(x, perm, inv_perm, box, hdim, wdim)  # the inverse is made there if needed
 
 
 def erase_box(x: Tensor, box: Box, hdim: int = -2, wdim: int = -1) -> Tensor:

@@ -138,28 +138,43 @@ def _minmax_t(u: Tensor, side: int, minmax: Tuple[float, float]) -> Tensor:
     return lo + torch.clamp(torch.floor(u * (hi - lo)), max=hi - lo - 1)
 
 
-_SIDES: dict = {}  # (h, w, device, inference mode) -> float64 (2, 1) tensors [[h], [w]] and [[h - 1], [w - 1]]
+_SIDES: dict = {}  # (h, w, device, inference mode) -> the float64 constants of centred_box_tensor
 
 
 def centred_box_tensor(params: Tensor, h: int, w: int) -> Tuple[Tensor, Tensor]:
     """``box_tensor``'s reference rule (cut = floor(side * sqrt(1 - lam)), integer centre, clipped) with
-    both sides in one (2, B) op each, and the kept fraction ``1 - area / (h * w)`` (float64): the same
-    float64 arithmetic as ``_centred_box_t`` and ``_kept``, so the same values bit for bit. Eager only
-    (the (2, 1) side tensors are cached per grid and device)."""
+    all four edges in one (2, 2, B) op each, and the kept fraction ``1 - area / (h * w)`` (float64).
+
+    The half-sides are ``trunc(sqrt(1 - lam) * (-side / 2, side / 2))``: halving is exact in floating
+    point, so ``floor(side * r / 2) == floor(floor(side * r) / 2)`` and the values are those of
+    ``_centred_box_t`` and ``_kept`` bit for bit. Eager only (the constants are cached per grid and device).
+
+    Args:
+        params: float64 (6,) for a batch or (6, B), one column per sample (rows as ``LAM``, ``CY``, ``CX``).
+        h: the grid's height.
+        w: the grid's width.
+
+    Returns:
+        ``(box, kept)``: int64 (4,) or (4, B) rows (y1, y2, x1, x2), and float64 () or (B,).
+    """
     key = (h, w, params.device, torch.is_inference_mode_enabled())
-    sides = _SIDES.get(key)
-    if sides is None:
-        hw = torch.tensor([[float(h)], [float(w)]], dtype=torch.float64, device=params.device)
-        sides = _SIDES[key] = (hw, hw - 1)
-    hw, last = sides
+    consts = _SIDES.get(key)
+    if consts is None:
+        if len(_SIDES) > 64:
+            _SIDES.clear()
+        f64 = dict(dtype=torch.float64, device=params.device)
+        side = torch.tensor([float(h), float(w)], **f64).view(2, 1, 1)
+        half = torch.tensor([[-h / 2, h / 2], [-w / 2, w / 2]], **f64).view(2, 2, 1)
+        consts = _SIDES[key] = (side, side - 1, half, torch.zeros((), **f64))
+    side, last, half, zero = consts
     cols = params if params.dim() == 2 else params.view(-1, 1)
-    cut = torch.sqrt(1.0 - cols[LAM]).mul(hw).floor_()                     # (2, B): cut_h, cut_w
-    centre = cols[CY:CX + 1].mul(hw).floor_().clamp_(max=last)            # (2, B): cy, cx
-    half = cut.div_(2).floor_()
-    lo = (centre - half).clamp_(min=0)
-    hi = torch.minimum(centre.add_(half), hw)
-    kept = 1.0 - (hi - lo).prod(0).div_(float(h * w))
-    box = torch.stack((lo, hi), 1).view(4, -1).long()
+    edges = torch.rsub(cols[LAM], 1.0).sqrt_().mul(half).trunc_()          # (2, 2, B): -half, +half per side
+    centre = cols[CY:CX + 1].unsqueeze(1).mul(side).floor_().clamp_(max=last)  # (2, 1, B): cy, cx
+    edges = edges.add_(centre).clamp_(zero, side)                             # (2, 2, B): lo, hi per side
+    lo, hi = edges.unbind(1)
+    height, width = hi.sub(lo).unbind(0)
+    kept = torch.rsub(height.mul_(width).div_(float(h * w)), 1.0)
+    box = edges.view(4, -1).long()
     return (box, kept) if params.dim() == 2 else (box.view(4), kept.view(()))
 
 

@@ -81,11 +81,14 @@ class MixDraw:
     def parts(self, inverse: bool = True, params: bool = True
               ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(perm, inverse perm, float64 params) as host tensors new to this call (None for parts left out);
-        params (6,) for a whole-batch draw, (6, B) per sample."""
+        params (6,) for a whole-batch draw, (6, B) per sample (a batch of one: its one (6,) column, as
+        ``transfer.unpack_draw`` reads it)."""
         inv = inverse_permutation(self.perm) if inverse else None
         if not params:
             return self.perm, inv, None
-        return self.perm, inv, (self.samples if self.samples is not None else self.params())
+        if self.samples is None:
+            return self.perm, inv, self.params()
+        return self.perm, inv, self.samples if self.samples.shape[1] != 1 else self.samples.view(-1)
 
     def packed(self, inverse: bool = True, params: bool = True) -> torch.Tensor:
         """The draw as one host int64 tensor: ``[perm, inverse perm, float64 bits of params]`` (parts optional)."""
@@ -329,18 +332,20 @@ class MixSampler:
             rows[IS_CUT].fill_(float(self.kind != "mixup"))
         if self.variant == "fixed_size":
             rows[LAM] = 0.75
-        gate = torch.rand(batch, generator=g, dtype=torch.float64) < p
+        u = torch.rand(batch, generator=g, dtype=torch.float64)  # the gate: sample i mixes when u[i] < p
+        everyone = p >= 1.0  # u < 1: every sample mixes
         perm = draw.perm
-        if self.mode == "pair":
-            perm, firsts, seconds = _pairing(draw.perm)
-            rows[:, seconds] = rows[:, firsts]
-            gate[seconds] = gate[firsts]
-        off = ~gate
-        rows[LAM].masked_fill_(off, 1.0)  # an unmixed sample keeps itself
+        if self.mode == "pair":  # both members of a pair take the first member's column and gate
+            perm, lead = _pairing(draw.perm)
+            rows = rows.index_select(1, lead)
+            u = u if everyone else u.index_select(0, lead)
+        off = None if everyone else u >= p
+        if off is not None:
+            rows[LAM].masked_fill_(off, 1.0)  # an unmixed sample keeps itself
         if self.kind == "cutout":
-            rows[CUT_H] = rows[CUT_W] = torch.where(gate, self.cutout_size, 0.0)
+            rows[CUT_H] = rows[CUT_W] = self.cutout_size if off is None else torch.where(off, 0.0, self.cutout_size)
         return _replace(draw, perm=perm, samples=rows, per_sample_kind=self.kind == "cutmix_or_mixup",
-                        mixed=batch > self._min_batch and not bool(off.all()))
+                        mixed=batch > self._min_batch and (everyone or u.min().item() < p))
 
     def _stream(self) -> Optional[torch.Generator]:
         """The generator to draw from; in a DataLoader worker, reseeded once for that worker."""
@@ -427,10 +432,30 @@ def _replace(draw: MixDraw, **changes: object) -> MixDraw:
     return MixDraw(**fields)
 
 
-def _pairing(order: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pairing(order: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """A permutation that swaps the samples ``order[0], order[1]``, ``order[2], order[3]``, ... (an odd one
-    out keeps itself), and the first and second members of each pair."""
-    firsts, seconds = order[0:len(order) - 1:2], order[1::2]
-    perm = torch.arange(len(order))
-    perm[firsts], perm[seconds] = seconds, firsts
-    return perm, firsts, seconds
+    out keeps itself), and each sample's pair leader (``order[2k]`` for both ``order[2k]`` and ``order[2k + 1]``).
+
+    Args:
+        order: an int64 permutation (B,).
+
+    Returns:
+        ``(perm, lead)``, int64 (B,) each.
+    """
+    n = len(order)
+    positions = _PAIR_POSITIONS.get(n)
+    if positions is None:
+        if len(_PAIR_POSITIONS) > 64:
+            _PAIR_POSITIONS.clear()
+        k = torch.arange(n)
+        partner = k ^ 1
+        if n % 2:
+            partner[-1] = n - 1  # the odd one out keeps itself
+        positions = _PAIR_POSITIONS[n] = torch.cat((partner, k - k % 2))
+    out = torch.empty(2, n, dtype=order.dtype, device=order.device)
+    out.index_copy_(1, order, order.index_select(0, positions).view(2, n))  # out[:, order[k]] = order[pos[:, k]]
+    return out[0], out[1]
+
+
+# batch size -> int64 (2B,): the position in the order of each position's partner, then of its pair leader
+_PAIR_POSITIONS: dict = {}

@@ -76,7 +76,8 @@ class _BatchMix(nn.Module):
             self._set("_placed", None)
             return images, targets
         per_sample = draw.samples is not None
-        inverse = draw.kind == "cutmix" and not (self.inplace and not per_sample)
+        # the inverse permutation: a whole-batch CutMix's out-of-place paste (per sample: made where needed)
+        inverse = draw.kind == "cutmix" and not (self.inplace or per_sample)
         if device.type == "cpu":  # the host draw itself: new for this call, nothing refills it
             perm, inv, params = draw.parts(inverse, per_sample)
         else:

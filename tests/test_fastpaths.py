@@ -501,8 +501,9 @@ def test_bench_host_quick_prints_every_row_and_writes_json(tmp_path):
     assert data["benchmark"] == "bench_host" and data["quick"] is True and "environment" in data
     rows = data["rows"]
     names = " | ".join(r["row"] for r in rows)
-    for part in ("vs timm Mixup", "vs its paste_box_", "CutMixAt(layer=2) fwd - plain fwd", "vs CutMix(inplace) + plain fwd",
-                 "mode='elem'", "mode='pair'", "contention: CutMix(inplace)", "contention: x.clone()"):
+    for part in ("vs timm Mixup", "vs its paste_box_", "CutMixAt(layer=2) fwd - plain fwd",
+                 "vs CutMix(inplace) + plain fwd", "mode='elem'", "mode='pair'", "contention: CutMix(inplace)",
+                 "contention: x.clone()"):
         assert part in names, part
     assert sum("vs timm Mixup" in r["row"] for r in rows) == 2
     for r in rows:
@@ -561,3 +562,31 @@ def test_per_sample_paste_gradient_is_the_adjoint(channels_last):
     want.backward(grad_out)
     assert torch.equal(out.detach(), want.detach())
     assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8,
+                                   torch.int64, torch.bool])
+@pytest.mark.parametrize("shape,hdim,wdim", [((7, 3, 9, 11), 2, 3), ((5, 6, 4, 3), 1, 2), ((4, 2, 5, 6), 3, 2),
+                                             ((3, 2, 4, 7, 5), 3, 4), ((0, 3, 4, 4), 2, 3)])
+def test_per_sample_bit_select_copies_every_value_bit_for_bit(dtype, shape, hdim, wdim):
+    """Without autograd a small per-sample paste selects bits (``graph.select_bits``): every element is its
+    own or its partner's, bit for bit (NaN payloads and signed zeros included), on any dtype and layout; it
+    reads a transposed box and clips edges outside the grid; its values are the gather's."""
+    g = torch.Generator().manual_seed(7)
+    B, H, W = shape[0], shape[hdim], shape[wdim]
+    x = (torch.randn(shape, generator=g) * 50).to(dtype)
+    bits = graph._BITS[x.element_size()]
+    if dtype.is_floating_point and x.numel():
+        x.view(-1)[:2] = torch.tensor([float("nan"), -0.0], dtype=dtype)
+        x.view(bits).view(-1)[0] ^= 1  # another NaN payload
+    perm = torch.randperm(B, generator=g)
+    box = torch.randint(-2, max(H, W) + 3, (B, 4), generator=g).t()  # transposed: not contiguous
+    assert graph._selects_bits(x, box, hdim, wdim)
+    out = F.paste_box_masked(x, perm, box, hdim, wdim)
+    inside = graph.inside_mask(x, box.contiguous(), hdim, wdim)
+    assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
+    assert torch.equal(out.view(bits), torch.where(inside, x.view(bits)[perm], x.view(bits)))
+    gathered = graph.gather_batch(x, graph.source_index(x, perm, box, hdim, wdim))
+    if dtype.is_floating_point:
+        out, gathered = out.nan_to_num(), gathered.nan_to_num()
+    assert torch.equal(out, gathered)

@@ -80,9 +80,10 @@ BUDGETS: Dict[str, Tuple[int, int]] = {
     "CutMix": (11, 6),                    # before: (19, 8)
     "Mixup": (7, 5),                      # before: (11, 7)
     "Cutout": (6, 3),                     # before: (12, 5)
-    "CutMix(mode=elem)": (64, 32),        # before: (119, 50)
+    "CutMix(mode=elem)": (48, 26),        # before: (119, 50)
+    "CutMix(mode=pair)": (55, 26),        # before: (84, 33)
     "CutMixAt": (15, 7),                  # before: (33, 10), over the plain forward
-    "CutMixAt(mode=elem)": (72, 36),      # before: (132, 55), over the plain forward
+    "CutMixAt(mode=elem)": (64, 31),      # before: (132, 55), over the plain forward
     "mixing": (15, 7),                    # before: (33, 10), over the plain forward
 }
 
@@ -92,6 +93,7 @@ TRANSFORMS = {
     "Mixup": lambda: featmix.Mixup(K, generator=gen(4)),
     "Cutout": lambda: featmix.Cutout(num_classes=K, generator=gen(4)),
     "CutMix(mode=elem)": lambda: featmix.CutMix(K, generator=gen(4), mode="elem"),
+    "CutMix(mode=pair)": lambda: featmix.CutMix(K, generator=gen(4), mode="pair"),
 }
 
 

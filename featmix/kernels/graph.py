@@ -8,7 +8,7 @@ every batch.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -167,10 +167,21 @@ def _eager_twin(fn: "type[torch.autograd.Function]") -> "type[torch.autograd.Fun
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
-def paste_masked(x: Tensor, perm: Tensor, inv_perm: Tensor, box: Tensor, hdim: int, wdim: int) -> Tensor:
+def paste_masked(x: Tensor, perm: Tensor, inv_perm: Optional[Tensor], box: Tensor, hdim: int, wdim: int) -> Tensor:
     """``x`` with the tensor ``box`` ((4,) for the batch or (4, B) per sample) taken from ``x[perm]``;
-    differentiable (``GatherPaste`` / ``PerSamplePaste``)."""
+    differentiable (``GatherPaste`` / ``PerSamplePaste``).
+
+    Without autograd, on CPU, per-sample boxes on batches below ``BIT_SELECT_MAX`` elements (grids of at
+    most ``BIT_SELECT_MAX_CELLS``) are pasted by ``select_bits`` (a few vectorized serial ops; the gather
+    costs more there). ``inv_perm`` may be None:
+    it is then computed where it is needed (a whole-batch box, or a per-sample backward off the CPU).
+    """
     B = x.shape[0]
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    if not needs_grad and _selects_bits(x, box, hdim, wdim):
+        return select_bits(x, perm, box, hdim, wdim)
+    if inv_perm is None and (box.dim() == 1 or (needs_grad and x.device.type != "cpu")):
+        inv_perm = perm.argsort()
     own = _arange(B, x.device)
     if box.dim() == 2:  # per sample: the row's source, then one where over the grid (no (B, H, W) mask first)
         H, W = x.shape[hdim], x.shape[wdim]
@@ -190,3 +201,80 @@ def paste_masked(x: Tensor, perm: Tensor, inv_perm: Tensor, box: Tensor, hdim: i
     if box.dim() == 1:
         return run(GatherPaste, x, src, source_index(x, inv_perm, box, hdim, wdim), to, back)
     return run(PerSamplePaste, x, src, inside, inv_perm, to, back)
+
+
+# batches of fewer elements than this are pasted by select_bits without autograd on CPU: ATen's grain
+# (at::internal::GRAIN_SIZE), below which each of its ops is one serial loop; larger batches take the
+# gather, one parallel region that reads and writes memory fewer times
+BIT_SELECT_MAX = 32768
+# grids of at most this many cells (its edge table has 2 * (H + W + 2) rows of H * W cells)
+BIT_SELECT_MAX_CELLS = 4096
+
+# element size in bytes -> the integer dtype whose bits stand for an element in select_bits (signed: all
+# ones is -1, so the max of masks is their and)
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+# (h, w, h first, bits dtype, device, inference mode) -> (edge table, its row offsets, the offsets' upper bounds)
+_EDGE_TABLES: Dict[tuple, Tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _selects_bits(x: Tensor, box: Tensor, hdim: int, wdim: int) -> bool:
+    """Whether ``paste_masked`` pastes by ``select_bits`` (no autograd, CPU, a small batch and grid)."""
+    return (box.dim() == 2 and x.device.type == "cpu" and x.numel() < BIT_SELECT_MAX
+            and x.shape[hdim] * x.shape[wdim] <= BIT_SELECT_MAX_CELLS and x.is_contiguous()
+            and not x.is_complex() and x.element_size() in _BITS and not torch.compiler.is_compiling())
+
+
+def _edge_table(h: int, w: int, h_first: bool, bits: torch.dtype, device: torch.device
+                ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The rows ``select_bits`` looks box edges up in, one cell of the grid per column (rows of height
+    first when ``h_first``, else columns first): for ``k`` in [0, h], all-ones bits at the cells whose row
+    is ``>= k``, then ``< k``; then the same for the column and ``k`` in [0, w]. With the (4, 1) offsets of
+    the four blocks (y1, y2, x1, x2) and the offsets plus the side."""
+    key = (h, w, h_first, bits, device, torch.is_inference_mode_enabled())
+    cached = _EDGE_TABLES.get(key)
+    if cached is None:
+        if len(_EDGE_TABLES) > 64:
+            _EDGE_TABLES.clear()
+        ys = torch.arange(h, device=device).view(1, h, 1)
+        xs = torch.arange(w, device=device).view(1, 1, w)
+        ky = torch.arange(h + 1, device=device).view(-1, 1, 1)
+        kx = torch.arange(w + 1, device=device).view(-1, 1, 1)
+        blocks = [(ys >= ky).expand(-1, h, w), (ys < ky).expand(-1, h, w),
+                  (xs >= kx).expand(-1, h, w), (xs < kx).expand(-1, h, w)]
+        table = torch.cat(blocks if h_first else [b.transpose(1, 2) for b in blocks])
+        table = table.reshape(len(table), h * w).to(bits).neg_()  # True -> all ones
+        offsets = torch.tensor([0, h + 1, 2 * (h + 1), 2 * (h + 1) + w + 1], device=device).view(4, 1)
+        sides = torch.tensor([h, h, w, w], device=device).view(4, 1)
+        cached = _EDGE_TABLES[key] = (table, offsets, offsets + sides)
+    return cached
+
+
+def select_bits(x: Tensor, perm: Tensor, box: Tensor, hdim: int, wdim: int) -> Tensor:
+    """``paste_masked`` with one box per sample, without autograd: the elements' bits selected by a mask.
+
+    ``out = x ^ ((x[perm] ^ x) & inside)`` on the elements' bits (an integer view), where ``inside`` is all
+    ones in the box and zero outside: every value comes through unchanged from ``x`` or ``x[perm]`` (NaN
+    payloads and signed zeros included). ``inside`` is four rows of a cached table of edge masks over the
+    grid (one ``index_select``) and-ed together (their max), broadcast over the other dims, so the ops are few,
+    contiguous and vectorized whatever the batch.
+
+    Args:
+        x: a contiguous batch (batch on dim 0) whose element size is 1, 2, 4 or 8 bytes.
+        perm: int64 (B,): sample ``i`` takes its box from sample ``perm[i]``.
+        box: int (4, B) rows (y1, y2, x1, x2), half-open; edges outside the grid are clipped to it.
+        hdim: the height dim.
+        wdim: the width dim.
+
+    Returns:
+        A new tensor, contiguous, in ``x``'s dtype.
+    """
+    B, H, W = x.shape[0], x.shape[hdim], x.shape[wdim]
+    bits = _BITS[x.element_size()]
+    table, offsets, limits = _edge_table(H, W, hdim < wdim, bits, x.device)
+    edges = table.index_select(0, (box + offsets).clamp_(offsets, limits).reshape(-1)).view(4, B, H * W)
+    shape = [1] * x.dim()
+    shape[0], shape[hdim], shape[wdim] = B, H, W
+    inside = edges.amax(0).view(shape)  # all ones where all four are: the and of the four edges' masks
+    own = x.view(bits)
+    return x.index_select(0, perm).view(bits).bitwise_xor_(own).bitwise_and_(inside).bitwise_xor_(own).view(x.dtype)
