@@ -63,17 +63,16 @@ def paste_in_place(x: Tensor, perm: Tensor, box: Box, hdim: int, wdim: int) -> N
     and copy its box; boxes of fewer than ``GRAIN`` elements per sample are gathered by ``index_select``
     (one parallel gather over the batch); larger ones by ``index_select`` over the folded view where the batch folds
     (one parallel loop over its slices), else by advanced indexing (one kernel over all elements)."""
+    if x.numel() <= SMALL:  # host-bound: a gather of the whole batch runs faster than one of the box's short rows
+        box_view(x, box, hdim, wdim).copy_(box_view(x.index_select(0, perm), box, hdim, wdim))
+        return
     folds = _folds(x, box, hdim, wdim)
     if folds is not None:
         region, _, k = folds
         region.copy_(region.index_select(0, fold_index(perm, k)))
         return
     region = box_view(x, box, hdim, wdim)
-    if x.numel() <= SMALL:  # host-bound: a gather of the whole batch runs faster than one of the box's short rows
-        region.copy_(box_view(x.index_select(0, perm), box, hdim, wdim))
-    else:
-        region.copy_(region[perm] if region.numel() >= GRAIN * max(region.shape[0], 1) else
-                     region.index_select(0, perm))
+    region.copy_(region[perm] if region.numel() >= GRAIN * max(region.shape[0], 1) else region.index_select(0, perm))
 
 
 def fold_index(perm: Tensor, k: int) -> Tensor:
