@@ -103,8 +103,10 @@ class _BatchMix(nn.Module):
         if placed is None or isinstance(placed, MixRecord):
             return placed
         where, perm = placed
-        record = MixRecord(0, where.grid, record_box(where.box), where.lam, where.weight, where.kind, perm,
-                           where.is_cut)
+        # copies of tensor values: off the CPU they may be views of draw_buffer, which the next call refills
+        box, lam, weight, is_cut = (v.clone() if isinstance(v, Tensor) else v
+                                    for v in (record_box(where.box), where.lam, where.weight, where.is_cut))
+        record = MixRecord(0, where.grid, box, lam, weight, where.kind, perm, is_cut)
         self._set("_placed", record)
         return record
 

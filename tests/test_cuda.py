@@ -59,6 +59,21 @@ def test_device_gradient_equals_the_cpu_gradient():
 
 
 @needs_device
+@pytest.mark.parametrize("mode", ["batch", "elem"])
+def test_a_record_keeps_its_values_after_the_next_call(mode):
+    """A record's tensors are its own: not views of the draw buffer that the next call refills."""
+    t = featmix.CutMix(4, mode=mode, correct_lam=False, generator=gen(0))
+    x, y = torch.randn(6, 3, 8, 8, device=DEVICE), torch.arange(6, device=DEVICE) % 4
+    t(x, y)
+    record = t.last_mix
+    kept = [v.clone() if isinstance(v, torch.Tensor) else v for v in (record.box, record.lam, record.weight)]
+    t(x, y)
+    for before, now in zip(kept, (record.box, record.lam, record.weight)):
+        assert torch.equal(torch.as_tensor(before), torch.as_tensor(now))
+    assert t.last_mix is not record
+
+
+@needs_device
 def test_same_seed_same_mix_on_cpu_and_device():
     """Draws are made on the host: the device changes nothing in what is mixed or in the targets."""
     images = torch.randn(8, 3, 32, 32, generator=gen(5))
