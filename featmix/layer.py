@@ -10,7 +10,6 @@ same from batch to batch and the buffer's metadata, so no batch triggers a recom
 """
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from typing import TYPE_CHECKING, Callable, Optional, Tuple
@@ -232,10 +231,14 @@ class FeatureCutMix(nn.Module):
         return ", ".join(parts)
 
 
-@functools.lru_cache(maxsize=None)
 def _channel_dim(ndim: int, hw_dims: Tuple[int, int]) -> int:
-    """The first dim after the batch that is not one of ``hw_dims``."""
-    return next(d for d in range(1, ndim) if d not in {h % ndim for h in hw_dims})
+    """The first dim after the batch that is not one of ``hw_dims`` (plain int arithmetic: this runs on
+    every mixed batch, and inside compiled graphs)."""
+    h, w = hw_dims[0] % ndim, hw_dims[1] % ndim
+    d = 1
+    while d == h or d == w:
+        d += 1
+    return d
 
 
 def _same_stride(image_hw: Tuple[int, int], grid: Tuple[int, int]) -> bool:
