@@ -69,6 +69,23 @@ class MixRecord:
     perm: Optional[Tensor] = None
     is_cut: Optional[Tensor] = None
 
+    @classmethod
+    def of(cls, layer: object, where: Placement, perm: Tensor) -> "MixRecord":
+        """The record of a placement, its tensor values copied: they may live in storage that a later
+        batch overwrites (a device draw buffer, a CUDA graph's output pool).
+
+        Args:
+            layer: where the mix happened (the site's label; 0 for the input transforms).
+            where: the placement the mix pasted.
+            perm: the host permutation of the draw.
+
+        Returns:
+            The ``MixRecord``.
+        """
+        values = (record_box(where.box), where.lam, where.weight, where.is_cut)
+        box, lam, weight, is_cut = (v.clone() if isinstance(v, Tensor) else v for v in values)
+        return cls(layer, where.grid, box, lam, weight, where.kind, perm, is_cut)
+
 
 class MixForward:
     """One training forward: the host draw, the chosen site, the draw on the device, the placement.
@@ -203,11 +220,7 @@ class MixPass:
                                f"pass (it is not on the model's forward path), or the model was in eval mode (call "
                                f"model.train()); choose a module the forward calls{_compile_hint()}")
         fwd.record = placed
-        # Tensor values may live in a CUDA graph's output pool, overwritten by the next replay: keep copies.
-        box, lam, weight, is_cut = record_box(placed.box), placed.lam, placed.weight, placed.is_cut
-        if isinstance(box, Tensor) or isinstance(lam, Tensor):
-            box, lam, weight, is_cut = (v.clone() if isinstance(v, Tensor) else v for v in (box, lam, weight, is_cut))
-        return MixRecord(site.label, placed.grid, box, lam, weight, placed.kind, fwd.draw.perm, is_cut)
+        return MixRecord.of(site.label, placed, fwd.draw.perm)
 
     def abort(self) -> None:
         """Forget the live forward (after an exception): no draw outlives its forward."""

@@ -365,7 +365,7 @@ def mix_targets(targets: Tensor, perm: Tensor, weight: Union[float, Tensor]) -> 
         >>> featmix.functional.mix_targets(y, torch.tensor([1, 0]), 0.75).tolist()
         [[0.75, 0.25], [0.25, 0.75]]
     """
-    return targets.index_select(0, _on(perm, targets)).lerp_(targets, _weight_like(weight, targets))
+    return blend(targets, perm, weight)
 
 
 def _empty(box: Box) -> bool:

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from .functional import inverse_permutation
-from .kinds import KINDS, kind_of, place_tensor
+from .kinds import KINDS, kind_of, place, place_tensor
 from .placement import CUT_H, CUT_W, CX, CY, IS_CUT, LAM, Box, Placement, Rule, box_on_grid
 from .validation import check_flag, check_int, check_real
 
@@ -65,7 +65,7 @@ class MixDraw:
         """Region, corrected lam and label weight on an h x w grid (``featmix.placement``)."""
         if self.samples is not None:
             return place_tensor(self.samples, h, w, self.variant, self.rule, self.per_sample_kind)
-        return kind_of(self.rule.kind).place(self.lam, self.center, h, w, self.variant, self.rule, self.cut)
+        return place(self.lam, self.center, h, w, self.variant, self.rule, self.cut)
 
     def box_on_grid(self, h: int, w: int) -> Box:
         """The CutMix box alone on an h x w grid (reference rule: truncation, clipping)."""
@@ -289,9 +289,9 @@ class MixSampler:
         self.step += 1
         variant = self._variant
         u = torch.rand(5, generator=g, dtype=torch.float64).tolist()  # gate, centre y, x, site, lam
-        lam = u[4] if self._alpha == 1.0 else self._beta(g, u[4], self._alpha, self._conc)
+        lam = self._beta(g, u[4], self._alpha, self._conc)
         perm = torch.randperm(batch_size, generator=g)
-        center = (u[1], u[2]) if variant != "center_gaussian" else self._center(u[1], u[2], g)
+        center = self._center(u[1], u[2], g)
         if variant == "fixed_size":
             lam = 0.75
         site = min(int(u[3] * num_sites), num_sites - 1)

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from . import functional as F
 from .arming import MixRecord, leaves
 from .kinds import kind_of, place_tensor
-from .placement import record_box
 from .sampling import MixSampler
 from .transfer import load_draw, unpack_draw
 from .validation import (
@@ -102,11 +101,7 @@ class _BatchMix(nn.Module):
         placed = self.__dict__["_placed"]
         if placed is None or isinstance(placed, MixRecord):
             return placed
-        where, perm = placed
-        # copies of tensor values: off the CPU they may be views of draw_buffer, which the next call refills
-        box, lam, weight, is_cut = (v.clone() if isinstance(v, Tensor) else v
-                                    for v in (record_box(where.box), where.lam, where.weight, where.is_cut))
-        record = MixRecord(0, where.grid, box, lam, weight, where.kind, perm, is_cut)
+        record = MixRecord.of(0, *placed)
         self._set("_placed", record)
         return record
 
