@@ -90,7 +90,8 @@ class MixRecord:
 class MixForward:
     """One training forward: the host draw, the chosen site, the draw on the device, the placement.
 
-    The device copy starts as the chosen site's reusable buffer (no extra op); it becomes the
+    On the CPU the draw's own host tensors serve (new per draw, never refilled: no copy). Elsewhere
+    the device copy starts as the chosen site's reusable buffer (no extra op); it becomes the
     forward's own copy when autograd will save it or when a later forward refills the buffer, so
     nothing saved for backward aliases storage that the next forward overwrites.
     """
@@ -104,9 +105,9 @@ class MixForward:
         self._buf = buf
         self._version = None if buf is None or buf.is_inference() else buf._version
         self._own: Optional[Tensor] = None
-        # the host tensors the buffer was packed from: new for this draw and never refilled, so where the
-        # buffer is on the host they are the forward's own copy as they stand (no clone, no views)
-        self._parts = parts if parts is not None and buf.device.type == "cpu" else None
+        # the draw's host tensors (perm, inverse or None, params): new for this draw and never refilled, so
+        # on the CPU they are the forward's own copy as they stand (no clone, no views)
+        self._parts = parts
         self._unpacked: Optional[Tuple[Tensor, Tuple[Tensor, Tensor, Tensor]]] = None
         self.record: Optional[Placement] = None
         self.bound = False                          # its backward has started at least once
@@ -126,8 +127,8 @@ class MixForward:
         return self._own
 
     def unpack(self, batch: int, device: torch.device, own: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        """(perm, inverse perm, params) on ``device``: the host parts themselves on the CPU, else views of
-        ``tensors(device, own)`` (made once per tensor)."""
+        """(perm, inverse perm, params) on ``device``: the host parts themselves on the CPU (the inverse may
+        be None: the CPU paste gathers by perm), else views of ``tensors(device, own)`` (made once per tensor)."""
         if self._parts is not None and device.type == "cpu":
             return self._parts
         packed = self.tensors(device, own)
@@ -192,9 +193,13 @@ class MixPass:
         self.scope = id(self) if scope is None else id(scope)
         chosen = self.sites[draw.site] if draw.mixed else None
         buf = parts = None
-        if chosen is not None:
-            buf, parts = stage_draw(chosen._buf, draw, device)
-            chosen.__dict__["_buf"] = buf  # a plain attribute (nn.Module.__setattr__ checks for parameters)
+        if chosen is not None:  # plain attributes below: nn.Module.__setattr__ checks for parameters
+            if device.type == "cpu":  # the host draw itself (a compiled graph reads it from the site)
+                parts = draw.parts(inverse=False)
+                chosen.__dict__["_host_draw"] = (parts[0], parts[2])
+            else:
+                buf, parts = stage_draw(chosen._buf, draw, device)
+                chosen.__dict__["_buf"] = buf
         for site in self.sites:  # passes may share sites (two wrappers on one model): this one drives them now
             if site.__dict__.get("_driver") is not self:
                 site.__dict__["_driver"] = self  # a plain attribute (nn.Module.__setattr__ checks for parameters)

@@ -63,7 +63,10 @@ def paste_box(x: Tensor, perm: Tensor, box: Box, hdim: int = -2, wdim: int = -1,
     if _empty(box):
         return x
     perm = _on(perm, x)
-    inv_perm = inverse_permutation(perm) if inv_perm is None else _on(inv_perm, x)
+    if inv_perm is not None:
+        inv_perm = _on(inv_perm, x)
+    elif x.device.type != "cpu":  # the CPU paste gathers by perm; its backward makes the inverse
+        inv_perm = inverse_permutation(perm)
     if torch.is_grad_enabled() and x.requires_grad:
         return graph.run(_PasteBox, x, perm, inv_perm, tuple(box), hdim, wdim)
     return _mixed(x, perm, inv_perm, box, hdim, wdim)
@@ -103,7 +106,8 @@ def _paste_checked_(x: Tensor, perm: Tensor, box: Box, hdim: int, wdim: int) -> 
     if perm.device != x.device:
         perm = perm.to(x.device, non_blocking=True)
     if torch.is_grad_enabled() and x.requires_grad:
-        return graph.run(_PasteBoxInPlace, x, perm, inverse_permutation(perm), tuple(box), hdim, wdim)
+        inv_perm = None if x.device.type == "cpu" else inverse_permutation(perm)  # the CPU backward makes it
+        return graph.run(_PasteBoxInPlace, x, perm, inv_perm, tuple(box), hdim, wdim)
     kernels.for_device(x.device).paste_in_place(x, perm, box, hdim, wdim)
     return x
 
@@ -373,17 +377,21 @@ def _empty(box: Box) -> bool:
     return y2 <= y1 or x2 <= x1
 
 
-def _mixed(x: Tensor, perm: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> Tensor:
+def _mixed(x: Tensor, perm: Tensor, inv_perm: Optional[Tensor], box: Box, hdim: int, wdim: int) -> Tensor:
     out = torch.empty_like(x)
     kernels.for_device(x.device).write_mixed(out, x, perm, inv_perm, box, hdim, wdim)
     return out
 
 
 class _PasteBox(torch.autograd.Function):
-    """Out-of-place paste whose backward is the same paste of the gradient with the inverse perm."""
+    """Out-of-place paste whose backward is the same paste of the gradient with the inverse perm
+    (``inv_perm`` may be None on CPU, whose paste reads only ``perm``: the backward then makes it)."""
 
     @staticmethod
-    def forward(x: Tensor, perm: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> Tensor:
+    def forward(x: Tensor, perm: Tensor, inv_perm: Optional[Tensor], box: Box, hdim: int, wdim: int) -> Tensor:
+        if torch.is_grad_enabled():  # under torch.func transforms: the kernels write into ``out=`` views
+            with torch.no_grad():
+                return _mixed(x, perm, inv_perm, box, hdim, wdim)
         return _mixed(x, perm, inv_perm, box, hdim, wdim)
 
     @staticmethod
@@ -394,15 +402,18 @@ class _PasteBox(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         perm, inv_perm = ctx.saved_tensors
-        # The gradient is mixed with the inverse permutation, whose inverse is perm itself.
-        return _mixed(grad, inv_perm, perm, ctx.box, ctx.hdim, ctx.wdim), None, None, None, None, None
+        if inv_perm is None:
+            inv_perm = inverse_permutation(perm)
+        # The gradient is mixed with the inverse permutation, whose inverse is perm itself (differentiable
+        # again where the gradient requires grad: double backward, torch.func transforms).
+        return paste_box(grad, inv_perm, ctx.box, ctx.hdim, ctx.wdim, inv_perm=perm), None, None, None, None, None
 
 
 class _PasteBoxInPlace(torch.autograd.Function):
     """In-place paste recorded by autograd; its backward is the out-of-place paste with the inverse perm."""
 
     @staticmethod
-    def forward(x: Tensor, perm: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> Tensor:
+    def forward(x: Tensor, perm: Tensor, inv_perm: Optional[Tensor], box: Box, hdim: int, wdim: int) -> Tensor:
         kernels.for_device(x.device).paste_in_place(x, perm, box, hdim, wdim)
         return x
 

@@ -72,18 +72,20 @@ class FeatureCutMix(nn.Module):
         self.grid_fn: Optional[GridFn] = None   # token grid for an input size (dynamic-size ViTs)
         self.square_tokens = True               # no grid: tokens lie on a square (a hand-built layer's default)
         self._driver = None                     # the pass that arms this site (``arming.MixPass``)
-        self._buf: Optional[Tensor] = None      # the draw on the device, storage kept across steps
+        self._buf: Optional[Tensor] = None      # the draw on a device, storage kept across steps
+        self._host_draw: Optional[Tuple[Tensor, Tensor]] = None  # on the CPU: the draw's (perm, params)
         self._scales_checked: set = set()       # (image hw, map hw) pairs known to scale alike
         self._warned_tiny = False
 
     @property
     def draw_buffer(self) -> Optional[Tensor]:
-        """The device tensor that carries each step's draw; its storage is kept from step to step."""
+        """The device tensor that carries each step's draw; its storage is kept from step to step (None on
+        the CPU, where the host draw itself serves)."""
         return self._buf
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state["_buf"] = None  # a copy loads its own draws
+        state["_buf"] = state["_host_draw"] = None  # a copy loads its own draws
         return state
 
     # -- forward ----------------------------------------------------------------------------------
@@ -152,7 +154,10 @@ class FeatureCutMix(nn.Module):
 
     def _paste_traced(self, m: Tensor, hdim: int, wdim: int) -> Tensor:
         driver = self._driver
-        perm, inv, params = unpack_draw(self._buf.clone(), m.shape[0])  # a copy: the buffer is refilled
+        if m.device.type == "cpu":  # the host draw: new tensors each draw, nothing to copy
+            (perm, params), inv = self._host_draw, None
+        else:
+            perm, inv, params = unpack_draw(self._buf.clone(), m.shape[0])  # a copy: the buffer is refilled
         where = place_tensor(params, m.shape[hdim], m.shape[wdim], driver.variant, driver.rule, driver.per_sample)
         driver.record = where
         return paste(m, where, perm, inv, hdim, wdim)

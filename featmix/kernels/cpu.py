@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .regions import Box, box_view, write_box, write_once
+from .regions import Box, box_view, copy_bands, gather_box, write_box
 
 # at::internal::GRAIN_SIZE: from this many elements per slice ATen's CPU index_select copies slice by
 # slice, each copy a parallel region of its own; below it, one parallel loop over the slices
@@ -30,30 +30,32 @@ GRAIN = 32768
 SMALL = 1 << 17
 
 
-def write_mixed(out: Tensor, x: Tensor, perm: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
-    """Write ``x`` with the box from ``x[perm]`` into the uninitialised ``out``, by the fastest strategy."""
+def write_mixed(out: Tensor, x: Tensor, perm: Tensor, inv_perm: Optional[Tensor], box: Box, hdim: int,
+                wdim: int) -> None:
+    """Write ``x`` with the box from ``x[perm]`` into the uninitialised ``out``, by the fastest strategy.
+
+    The box is gathered by ``perm`` straight into ``out`` (on CPU faster than a scatter by the inverse
+    into a strided box), except for large boxes that do not fold (``_folds``): there ``index_select``
+    would copy sample by sample, and one scatter by the inverse (``inv_perm``, made here when None) is
+    one kernel."""
     if box[2] == 0 and box[3] == x.shape[wdim]:  # whole rows: no side bands, each element once
-        write_once(out, x, inv_perm, box, hdim, wdim)
-        return
-    folds = _folds(x, box, hdim, wdim, out)
-    if folds is None:
-        write_copy_then_box(out, x, inv_perm, box, hdim, wdim)
+        copy_bands(out, x, box, hdim, wdim)
     else:
-        write_copy_then_gather(out, x, perm, folds)
+        out.copy_(x)  # one full copy (long contiguous runs), then the box
+    folds = _folds(x, box, hdim, wdim, out)
+    if folds is not None:
+        out_fold, x_fold, k = folds
+        torch.index_select(x_fold, 0, fold_index(perm, k), out=out_fold)
+    elif _box_numel(x, box, hdim, wdim) < GRAIN:
+        gather_box(out, x, perm, box, hdim, wdim)
+    else:
+        write_box(out, x, perm.argsort() if inv_perm is None else inv_perm, box, hdim, wdim)
 
 
-def write_copy_then_box(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
-    """One full copy of ``x`` (long contiguous runs), then the box overwritten by one ``index_copy_``."""
-    out.copy_(x)
-    write_box(out, x, inv_perm, box, hdim, wdim)
-
-
-def write_copy_then_gather(out: Tensor, x: Tensor, perm: Tensor, folds: Tuple[Tensor, Tensor, int]) -> None:
-    """One full copy of ``x``, then ``out``'s box gathered from the partners' by one ``index_select``
-    straight into it (``folds``: the box of ``out`` and of ``x`` folded by ``_folds``, and the fold)."""
-    out_fold, x_fold, k = folds
-    out.copy_(x)
-    torch.index_select(x_fold, 0, fold_index(perm, k), out=out_fold)
+def _box_numel(x: Tensor, box: Box, hdim: int, wdim: int) -> int:
+    """Elements of one sample's box."""
+    cells = max(x.shape[0], 1) * x.shape[hdim] * x.shape[wdim]
+    return x.numel() // cells * (box[1] - box[0]) * (box[3] - box[2])
 
 
 def paste_in_place(x: Tensor, perm: Tensor, box: Box, hdim: int, wdim: int) -> None:

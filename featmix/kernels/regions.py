@@ -1,8 +1,9 @@
-"""The box region of a tensor and the write-once paste that both devices use."""
+"""The box region of a tensor: views of it, and the copies into it that both devices use."""
 from __future__ import annotations
 
 from typing import Tuple
 
+import torch
 from torch import Tensor
 
 Box = Tuple[int, int, int, int]
@@ -37,8 +38,19 @@ def write_box(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdi
     box_view(out, box, hdim, wdim).index_copy_(0, inv_perm, box_view(x, box, hdim, wdim))
 
 
+def gather_box(out: Tensor, x: Tensor, perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
+    """``out``'s box = the partner's box: ``out[i] = x[perm[i]]`` by one ``index_select`` straight into ``out``."""
+    torch.index_select(box_view(x, box, hdim, wdim), 0, perm, out=box_view(out, box, hdim, wdim))
+
+
 def write_once(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
     """Every element of ``out`` written exactly once: the bands around the box from ``x``, then the box."""
+    copy_bands(out, x, box, hdim, wdim)
+    write_box(out, x, inv_perm, box, hdim, wdim)
+
+
+def copy_bands(out: Tensor, x: Tensor, box: Box, hdim: int, wdim: int) -> None:
+    """``out`` = ``x`` around the box (up to four bands; the box itself is not written)."""
     y1, y2, x1, x2 = box
     n = x.dim()
     H, W = x.shape[hdim], x.shape[wdim]
@@ -46,4 +58,3 @@ def write_once(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wd
         if yb > ya and xb > xa:
             idx = index(n, hdim, wdim, slice(ya, yb), slice(xa, xb))
             out[idx].copy_(x[idx])
-    write_box(out, x, inv_perm, box, hdim, wdim)
