@@ -103,12 +103,13 @@ def _paste_checked_(x: Tensor, perm: Tensor, box: Box, hdim: int, wdim: int) -> 
     """``paste_box_`` once ``x`` is known to be writable (``CutMix`` checks before it draws)."""
     if _empty(box):
         return x
-    if perm.device != x.device:
-        perm = perm.to(x.device, non_blocking=True)
-    if torch.is_grad_enabled() and x.requires_grad:
-        inv_perm = None if x.device.type == "cpu" else inverse_permutation(perm)  # the CPU backward makes it
+    device = x.device
+    if perm.device != device:
+        perm = perm.to(device, non_blocking=True)
+    if x.requires_grad and torch.is_grad_enabled():
+        inv_perm = None if device.type == "cpu" else inverse_permutation(perm)  # the CPU backward makes it
         return graph.run(_PasteBoxInPlace, x, perm, inv_perm, tuple(box), hdim, wdim)
-    kernels.for_device(x.device).paste_in_place(x, perm, box, hdim, wdim)
+    kernels.for_device(device).paste_in_place(x, perm, box, hdim, wdim)
     return x
 
 
@@ -215,7 +216,7 @@ def blend(x: Tensor, perm: Tensor, lam: Union[float, Tensor]) -> Tensor:
         >>> featmix.functional.blend(x, torch.tensor([1, 0]), 0.75).tolist()
         [[1.0], [3.0]]
     """
-    return _partner(x, perm).lerp_(x, _weight_like(lam, x))
+    return _partner(x, perm).lerp_(x, lam if type(lam) is float else _weight_like(lam, x))
 
 
 def blend_(x: Tensor, perm: Tensor, lam: Union[float, Tensor]) -> Tensor:
@@ -270,7 +271,8 @@ def _partner(x: Tensor, perm: Tensor) -> Tensor:
     ``index_select`` (the fewest host steps) only for samples below ATen's grain: above it, on CPU, it
     copies sample by sample, one parallel region each, which stall when other processes keep the cores
     busy; advanced indexing is one kernel."""
-    perm = _on(perm, x)
+    if perm.device != x.device:
+        perm = perm.to(x.device, non_blocking=True)
     if x.is_contiguous() and x.numel() < _GRAIN * max(x.shape[0], 1):
         return x.index_select(0, perm)
     return x[perm]

@@ -61,7 +61,7 @@ class Kind:
 
     def mix_targets(self, targets: Tensor, perm: Tensor, where: Placement) -> Tensor:
         """The targets of what the network saw."""
-        return targets if self.keeps_labels else F.mix_targets(targets, perm, where.weight)
+        return targets if self.keeps_labels else F.blend(targets, perm, where.weight)  # = F.mix_targets
 
 
 def _kept(box: Tensor, h: int, w: int) -> Tensor:
@@ -96,10 +96,11 @@ class CutMix(Kind):
                          label_weight(kept if rule.correct_lam else params[LAM], variant))
 
     def paste(self, x, where, perm, inv_perm, hdim, wdim, inplace=False):
-        if _on_host(where):
+        box = where.box
+        if isinstance(box, tuple):  # placed on the host
             if inplace:
-                return F._paste_checked_(x, perm, where.box, hdim, wdim)
-            return F.paste_box(x, perm, where.box, hdim, wdim, inv_perm=inv_perm)
+                return F._paste_checked_(x, perm, box, hdim, wdim)
+            return F.paste_box(x, perm, box, hdim, wdim, inv_perm=inv_perm)
         out = F.paste_box_masked(x, perm, where.box, hdim, wdim, inv_perm=inv_perm)  # one gather each way
         return x.copy_(out) if inplace else out
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -32,9 +32,8 @@ class Rule:
     minmax: Optional[Tuple[float, float]] = None  # CutMix box side uniform in this range of each side
 
 
-@dataclass(frozen=True)
-class Placement:
-    """A draw placed on an h x w grid.
+class Placement(NamedTuple):
+    """A draw placed on an h x w grid (immutable; a named tuple: it is made once per mixed batch).
 
     ``box``: (y1, y2, x1, x2) ints, an int64 tensor (4,) or (4, B), or None (Mixup). ``lam`` is the
     weight of each sample's own image (``1 - pasted area / grid area``, Mixup's lam); ``weight`` is

@@ -17,14 +17,13 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch.utils.data import get_worker_info
 
 from .functional import inverse_permutation
-from .kinds import KINDS, kind_of, place, place_tensor
+from .kinds import KINDS, KINDS_BY_NAME, kind_of, place_tensor
 from .placement import CUT_H, CUT_W, CX, CY, IS_CUT, LAM, Box, Placement, Rule, box_on_grid
 from .validation import check_flag, check_int, check_real
 
@@ -33,9 +32,9 @@ MODES = ("batch", "elem", "pair")
 _BOX_VARIANTS = ("center_gaussian", "fixed_size")
 
 
-@dataclass(frozen=True)
-class MixDraw:
-    """One batch's draw. ``mixed`` False means the batch trains unmixed (lam = 1).
+class MixDraw(NamedTuple):
+    """One batch's draw. ``mixed`` False means the batch trains unmixed (lam = 1). Immutable (a named
+    tuple: it is made once per batch; ``draw._replace(field=...)`` makes a changed copy).
 
     ``samples`` (per-sample modes only): float64 (6, B), one column of placement parameters per sample
     (rows as in ``featmix.placement``); the scalar fields then describe nothing.
@@ -65,7 +64,7 @@ class MixDraw:
         """Region, corrected lam and label weight on an h x w grid (``featmix.placement``)."""
         if self.samples is not None:
             return place_tensor(self.samples, h, w, self.variant, self.rule, self.per_sample_kind)
-        return place(self.lam, self.center, h, w, self.variant, self.rule, self.cut)
+        return KINDS_BY_NAME[self.rule.kind].place(self.lam, self.center, h, w, self.variant, self.rule, self.cut)
 
     def box_on_grid(self, h: int, w: int) -> Box:
         """The CutMix box alone on an h x w grid (reference rule: truncation, clipping)."""
@@ -306,14 +305,14 @@ class MixSampler:
     def _batch_extras(self, draw: MixDraw, g: Optional[torch.Generator]) -> MixDraw:
         """Cutout's size, cutmix_minmax's uniforms and the per-batch CutMix-or-Mixup switch."""
         if self.kind == "cutout":
-            return _replace(draw, cut=(self.cutout_size, self.cutout_size))
+            return draw._replace(cut=(self.cutout_size, self.cutout_size))
         if self.kind == "mixup":
             return draw
         v = torch.rand(4, generator=g, dtype=torch.float64).tolist()  # switch, cut h, cut w, Mixup's lam
         if self.kind == "cutmix_or_mixup" and not v[0] < self.switch_prob:
             lam = self._beta(g, v[3], self._mixup_alpha, None)
-            return _replace(draw, lam=lam, rule=self._rules["mixup"])
-        return _replace(draw, cut=(v[1], v[2]))
+            return draw._replace(lam=lam, rule=self._rules["mixup"])
+        return draw._replace(cut=(v[1], v[2]))
 
     def _per_sample(self, draw: MixDraw, batch: int, p: float, g: Optional[torch.Generator]) -> MixDraw:
         """Per-sample gate, lam, centre, cut and kind (``mode='elem'``/``'pair'``), as float64 (6, B)."""
@@ -344,7 +343,7 @@ class MixSampler:
             rows[LAM].masked_fill_(off, 1.0)  # an unmixed sample keeps itself
         if self.kind == "cutout":
             rows[CUT_H] = rows[CUT_W] = self.cutout_size if off is None else torch.where(off, 0.0, self.cutout_size)
-        return _replace(draw, perm=perm, samples=rows, per_sample_kind=self.kind == "cutmix_or_mixup",
+        return draw._replace(perm=perm, samples=rows, per_sample_kind=self.kind == "cutmix_or_mixup",
                         mixed=batch > self._min_batch and (everyone or u.min().item() < p))
 
     def _stream(self) -> Optional[torch.Generator]:
@@ -424,12 +423,6 @@ class MixSampler:
         mode = f", mode={self.mode!r}" if self.mode != "batch" else ""
         return (f"MixSampler(alpha={self.alpha}, prob={self.prob}, variant={self.variant!r}{kind}{mode}{extra}, "
                 f"step={self.step})")
-
-
-def _replace(draw: MixDraw, **changes: object) -> MixDraw:
-    fields = dict(draw.__dict__)
-    fields.update(changes)
-    return MixDraw(**fields)
 
 
 def _pairing(order: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .arming import MixRecord, leaves
-from .kinds import kind_of, place_tensor
-from .sampling import MixSampler
+from .kinds import KINDS_BY_NAME, kind_of, place_tensor
+from .placement import Placement
+from .sampling import MixDraw, MixSampler
 from .transfer import load_draw, unpack_draw
 from .validation import (
     InputTypeError,
@@ -42,6 +43,7 @@ class _BatchMix(nn.Module):
         super().__init__()
         self.num_classes = None if num_classes is None else check_num_classes(num_classes)
         self.sampler = MixSampler(**sampler_kwargs)
+        self._blends_pixels = kind_of(self.sampler.kind).blends_pixels  # then images must be floating point
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.inplace = check_flag(inplace, "inplace")
         self.labels_getter = _labels_getter(labels_getter)
@@ -66,20 +68,37 @@ class _BatchMix(nn.Module):
     def _mix(self, images: Tensor, labels: Optional[Tensor]) -> Tuple[Tensor, Any]:
         """Mix one batch: (images, targets), with the draw, placement and paste of the sampler's kind."""
         num_classes = self._check(images, labels)
-        shape, device = images.shape, images.device
+        device = images.device
         if not self.mixup_enabled:
             return images, self._targets(labels, num_classes, device)
-        draw = self.sampler.draw(shape[0])
+        draw = self.sampler.draw(images.shape[0])
         targets = self._targets(labels, num_classes, device)
         if not draw.mixed:
-            self._set("_placed", None)
+            self.__dict__["_placed"] = None
             return images, targets
-        per_sample = draw.samples is not None
-        # the inverse permutation: a whole-batch CutMix's out-of-place paste (per sample: made where needed)
-        inverse = draw.kind == "cutmix" and not (self.inplace or per_sample)
-        if device.type == "cpu":  # the host draw itself: new for this call, nothing refills it
-            perm, inv, params = draw.parts(inverse, per_sample)
+        shape = images.shape
+        if draw.samples is None and device.type == "cpu":  # the host draw as it is; the box as Python ints
+            perm, inv, where = draw.perm, None, draw.place(shape[-2], shape[-1])
         else:
+            perm, inv, where = self._place_on_device(draw, images, labels)
+        kind = KINDS_BY_NAME[where.kind]
+        images = kind.paste(images, where, perm, inv, len(shape) - 2, len(shape) - 1, self.inplace)
+        self.__dict__["_placed"] = (where, draw.perm)  # a plain attribute: see ``_set``
+        if num_classes is None:  # Cutout without classes: the labels as they came
+            return images, targets
+        return images, kind.mix_targets(targets, perm, where)
+
+    def _place_on_device(self, draw: MixDraw, images: Tensor, labels: Optional[Tensor]
+                         ) -> Tuple[Tensor, Optional[Tensor], Placement]:
+        """(perm, inverse perm or None, placement) for a per-sample draw, or for images off the CPU (where
+        the draw goes to the device in one transfer into ``draw_buffer``)."""
+        per_sample = draw.samples is not None
+        device, shape = images.device, images.shape
+        if device.type == "cpu":  # the host draw itself: new for this call, nothing refills it
+            perm, inv, params = draw.parts(inverse=False, params=per_sample)
+        else:
+            # the inverse permutation: a whole-batch CutMix's out-of-place paste (per sample: made where needed)
+            inverse = draw.kind == "cutmix" and not (self.inplace or per_sample)
             self._set("draw_buffer", load_draw(self.draw_buffer, draw, device, inverse, params=per_sample))
             packed = self.draw_buffer
             if torch.is_grad_enabled() and (images.requires_grad or getattr(labels, "requires_grad", False)):
@@ -88,12 +107,7 @@ class _BatchMix(nn.Module):
         h, w = shape[-2:]
         where = (place_tensor(params, h, w, draw.variant, draw.rule, draw.per_sample_kind) if per_sample
                  else draw.place(h, w))
-        kind = kind_of(where.kind)
-        images = kind.paste(images, where, perm, inv, len(shape) - 2, len(shape) - 1, self.inplace)
-        self._set("_placed", (where, draw.perm))
-        if not isinstance(targets, Tensor) or targets.dim() != 2:
-            return images, targets
-        return images, kind.mix_targets(targets, perm, where)
+        return perm, inv, where
 
     @property
     def last_mix(self) -> Optional[MixRecord]:
@@ -107,8 +121,7 @@ class _BatchMix(nn.Module):
 
     def _check(self, images: object, labels: object) -> Optional[int]:
         """Validate the batch once; the class count (from num_classes or 2-D labels)."""
-        check_images(images, floating=kind_of(self.sampler.kind).blends_pixels, dims=(4, 5),
-                     why=" for Mixup (it blends pixels)")
+        check_images(images, floating=self._blends_pixels, dims=(4, 5), why=" for Mixup (it blends pixels)")
         if self.inplace:
             check_writable(images)
         if labels is None and self.sampler.kind == "cutout":

@@ -36,6 +36,6 @@ def _public_callables():
 def test_every_public_name_states_its_contract_with_an_example(name, obj):
     doc = obj.__doc__ or ""
     assert ">>>" in doc, f"{name} has no example (doctested by test_docstring_examples_run)"
-    dataclass_like = hasattr(obj, "__dataclass_fields__")
-    if not dataclass_like and name != "featmix.MixedBatch":
+    record_like = hasattr(obj, "__dataclass_fields__") or hasattr(obj, "_fields")  # fields in the class body
+    if not record_like and name != "featmix.MixedBatch":
         assert "Args:" in doc, f"{name} documents no Args:"

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .regions import Box, box_view, copy_bands, gather_box, write_box
+from .regions import Box, box_geometry, box_view, copy_bands, gather_box, write_box
 
 # at::internal::GRAIN_SIZE: from this many elements per slice ATen's CPU index_select copies slice by
 # slice, each copy a parallel region of its own; below it, one parallel loop over the slices
@@ -66,7 +66,12 @@ def paste_in_place(x: Tensor, perm: Tensor, box: Box, hdim: int, wdim: int) -> N
     (one parallel gather over the batch); larger ones by ``index_select`` over the folded view where the batch folds
     (one parallel loop over its slices), else by advanced indexing (one kernel over all elements)."""
     if x.numel() <= SMALL:  # host-bound: a gather of the whole batch runs faster than one of the box's short rows
-        box_view(x, box, hdim, wdim).copy_(box_view(x.index_select(0, perm), box, hdim, wdim))
+        gathered = x.index_select(0, perm)  # contiguous
+        if x.is_contiguous():  # the same box view of both
+            size, stride, offset = box_geometry(x, box, hdim, wdim)
+            x.as_strided(size, stride, x.storage_offset() + offset).copy_(gathered.as_strided(size, stride, offset))
+        else:
+            box_view(x, box, hdim, wdim).copy_(box_view(gathered, box, hdim, wdim))
         return
     folds = _folds(x, box, hdim, wdim)
     if folds is not None:

@@ -1,7 +1,7 @@
 """The box region of a tensor: views of it, and the copies into it that both devices use."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
@@ -27,10 +27,17 @@ def box_view(x: Tensor, box: Box, hdim: int, wdim: int) -> Tensor:
 
     Meant for tensors autograd does not track (it would record a generic ``as_strided`` view).
     """
+    size, stride, offset = box_geometry(x, box, hdim, wdim)
+    return x.as_strided(size, stride, x.storage_offset() + offset)
+
+
+def box_geometry(x: Tensor, box: Box, hdim: int, wdim: int) -> Tuple[List[int], Tuple[int, ...], int]:
+    """(size, stride, offset from ``x``'s first element) of ``box_view(x, ...)``: the same view of any
+    tensor with ``x``'s shape and strides."""
     y1, y2, x1, x2 = box
     size, stride = list(x.shape), x.stride()
     size[hdim], size[wdim] = y2 - y1, x2 - x1
-    return x.as_strided(size, stride, x.storage_offset() + y1 * stride[hdim] + x1 * stride[wdim])
+    return size, stride, y1 * stride[hdim] + x1 * stride[wdim]
 
 
 def write_box(out: Tensor, x: Tensor, inv_perm: Tensor, box: Box, hdim: int, wdim: int) -> None:
