@@ -209,8 +209,9 @@ class MixPass:
         self.variant, self.rule, self.per_sample = draw.variant, draw.rule, draw.per_sample_kind
         self.live = True
 
-    def finish(self) -> Optional[MixRecord]:
-        """End the forward: the record of the mix (None when unmixed); an error if the site did not mix."""
+    def finish(self) -> Optional[MixForward]:
+        """End the forward: the forward, its placement recorded (None when unmixed); an error if the site did
+        not mix."""
         fwd, site, placed = self.current, self.chosen, self.record
         self.live, self.current, self.chosen, self.record = False, None, None, None
         if fwd is None:
@@ -225,26 +226,29 @@ class MixPass:
                                f"pass (it is not on the model's forward path), or the model was in eval mode (call "
                                f"model.train()); choose a module the forward calls{_compile_hint()}")
         fwd.record = placed
-        return MixRecord.of(site.label, placed, fwd.draw.perm)
+        return fwd
 
     def abort(self) -> None:
         """Forget the live forward (after an exception): no draw outlives its forward."""
         self.live, self.current, self.chosen, self.record = False, None, None, None
 
-    def targets(self, labels: Tensor, num_classes: int, record: Optional[MixRecord], smoothing: float,
-                dtype: torch.dtype) -> Tensor:
-        """Soft targets for what the network saw, from the record of the latest finished forward."""
+    def targets(self, labels: Tensor, num_classes: int, smoothing: float, dtype: torch.dtype) -> Tensor:
+        """Soft targets for what the network saw, from the placement of the latest finished forward."""
         try:  # the one-hot lookup finds an index out of range; the range check then words the error
             y = F.one_hot_targets(labels, num_classes, smoothing, dtype)
         except (RuntimeError, IndexError):
             check_label_range(labels, num_classes)
             raise
-        kind = None if record is None else kind_of(record.kind)
-        if kind is None or kind.keeps_labels:
+        fwd = self.last
+        placed = None if fwd is None else fwd.record
+        if placed is None:
+            return y
+        kind = kind_of(placed.kind)
+        if kind.keeps_labels:
             return y
         own = torch.is_grad_enabled() and labels.requires_grad
-        perm, _, _ = self.last.unpack(labels.shape[0], labels.device, own)
-        return kind.mix_targets(y, perm, self.last.record)
+        perm, _, _ = fwd.unpack(labels.shape[0], labels.device, own)
+        return kind.mix_targets(y, perm, placed)
 
     def watch_backward(self, outputs: Any) -> None:
         """Bind the latest finished forward to the backward of each of ``outputs`` (tensors in any nesting)."""
@@ -434,7 +438,7 @@ def mixing(model: Union[nn.Module, Sequence[FeatureCutMix]], labels: Tensor, num
     batch = MixedBatch()
     try:
         yield batch
-        record = mix.finish()
+        fwd = mix.finish()
     except BaseException:
         mix.abort()
         raise
@@ -442,6 +446,6 @@ def mixing(model: Union[nn.Module, Sequence[FeatureCutMix]], labels: Tensor, num
         if handle is not None:
             handle.remove()
     mix.watch_backward(outputs)
-    batch._record = record
-    batch._targets = mix.targets(labels, num_classes, record, smoothing, torch.float32)
+    batch._record = None if fwd is None else MixRecord.of(fwd.chosen.label, fwd.record, fwd.draw.perm)
+    batch._targets = mix.targets(labels, num_classes, smoothing, torch.float32)
     batch._done = True

@@ -110,7 +110,7 @@ class CutMixAt(nn.Module):
         self.num_classes = check_num_classes(num_classes if num_classes is not None else infer_num_classes(model))
         self.add_module(_MODEL, model)
         self.layer = layer
-        self.last_mix: Optional[MixRecord] = None
+        self._placed: Any = None  # the latest mix: (site label, placement, perm) until ``last_mix`` makes its record
         self._input_site: Optional[FeatureCutMix] = None
         self._hooks: List[_MixHook] = []
         if layer is None:
@@ -253,17 +253,28 @@ class CutMixAt(nn.Module):
     def _finish(self, labels: Tensor, output: Any) -> Tensor:
         """Targets from what the chosen site actually pasted (an error if it did not mix)."""
         logits = _first_tensor(output)
-        record = self._pass.finish()
+        fwd = self._pass.finish()
         if logits.dim() == 2 and logits.shape[1] != self.num_classes:
             raise RuntimeError(f"the model returned logits of shape {tuple(logits.shape)}, but the wrapper builds "
                                f"targets for num_classes={self.num_classes}: call wrapper.reset_classifier(n) (not the "
                                f"inner model's) after changing the classifier, or pass num_classes=")
         if labels.device != logits.device:
             labels = labels.to(logits.device)
-        targets = self._pass.targets(labels, self.num_classes, record, self.label_smoothing, _target_dtype(logits))
+        targets = self._pass.targets(labels, self.num_classes, self.label_smoothing, _target_dtype(logits))
         self._pass.watch_backward(output)
-        self.__dict__["last_mix"] = record  # a plain attribute, without nn.Module.__setattr__'s bookkeeping
+        # what ``last_mix`` is made of when read; a plain attribute, without nn.Module.__setattr__'s bookkeeping
+        self.__dict__["_placed"] = None if fwd is None else (fwd.chosen.label, fwd.record, fwd.draw.perm)
         return targets
+
+    @property
+    def last_mix(self) -> Optional[MixRecord]:
+        """The ``MixRecord`` of the latest training batch (None when it was not mixed), made when first read."""
+        placed = self.__dict__["_placed"]
+        if placed is None or isinstance(placed, MixRecord):
+            return placed
+        record = MixRecord.of(*placed)
+        self.__dict__["_placed"] = record
+        return record
 
     @_compiler_disable
     def _eval_targets(self, labels: Tensor, output: Any) -> Tensor:
@@ -411,6 +422,8 @@ def _untrainable(output: Any) -> Any:
 def _first_tensor(output: Any) -> Tensor:
     """The logits: the output itself, its ``logits`` (Hugging Face outputs), or the first tensor of a
     tuple/list/dict output."""
+    if type(output) is Tensor:  # the common output, without the lookups below
+        return output
     logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
     if isinstance(logits, Tensor):
         return logits
