@@ -508,7 +508,8 @@ def test_bench_host_quick_prints_every_row_and_writes_json(tmp_path):
     names = " | ".join(r["row"] for r in rows)
     for part in ("vs timm Mixup", "vs its paste_box_", "CutMixAt(layer=2) fwd - plain fwd",
                  "vs CutMix(inplace) + plain fwd", "mode='elem'", "mode='pair'", "contention: CutMix(inplace)",
-                 "contention: x.clone()"):
+                 "contention: x.clone()", "the eager floor vs paste_box_", "timm vs the eager floor",
+                 "the eager floor's fwd - plain fwd"):
         assert part in names, part
     assert sum("vs timm Mixup" in r["row"] for r in rows) == 2
     for r in rows:
@@ -595,3 +596,37 @@ def test_per_sample_bit_select_copies_every_value_bit_for_bit(dtype, shape, hdim
     if dtype.is_floating_point:
         out, gathered = out.nan_to_num(), gathered.nan_to_num()
     assert torch.equal(out, gathered)
+
+
+def test_the_eager_floors_of_bench_host_do_the_same_work_as_featmix():
+    """The floor rows of ``bench.host`` are meaningful only if the hand-written calls mix exactly as featmix
+    does: the same images (or logits) and targets from the same seed, batch after batch."""
+    import timm
+
+    import models  # noqa: F401 - registers resnet8_cifar
+    from experiments.bench import host
+
+    k = 10
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, k, (16,), generator=g)
+    ours, floor_x = x.clone(), x.clone()
+    cutmix = featmix.CutMix(k, inplace=True, generator=torch.Generator().manual_seed(3))
+    floor = host.eager_floor_input(floor_x, y, k, seed=3)
+    for _ in range(20):
+        _, targets = cutmix(ours, y)
+        _, floor_targets = floor()
+        assert torch.equal(ours, floor_x) and torch.equal(targets, floor_targets)
+
+    def net() -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = timm.create_model("resnet8_cifar", num_classes=k).train()
+        for m in model.modules():  # timm zero-initialises the last BN of each block: a wrong mix could hide there
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.data.uniform_(0.5, 1.5)
+        return model
+
+    wrapped = featmix.CutMixAt(net(), layer=2, generator=torch.Generator().manual_seed(4)).train()
+    floor_forward = host.eager_floor_feature(net(), 2, k, seed=4)
+    for _ in range(10):
+        (logits, targets), (floor_logits, floor_targets) = wrapped(x, y), floor_forward(x, y)
+        assert torch.equal(logits, floor_logits) and torch.equal(targets, floor_targets)
