@@ -630,3 +630,18 @@ def test_the_eager_floors_of_bench_host_do_the_same_work_as_featmix():
     for _ in range(10):
         (logits, targets), (floor_logits, floor_targets) = wrapped(x, y), floor_forward(x, y)
         assert torch.equal(logits, floor_logits) and torch.equal(targets, floor_targets)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7, 16])
+def test_the_per_sample_and_out_of_place_floors_of_bench_host_mix_as_featmix_does(batch):
+    from experiments.bench import host
+
+    k = 10
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(batch, 3, 8, 8, generator=g), torch.randint(0, k, (batch,), generator=g)
+    for mode, make_floor in (("elem", host.eager_floor_per_sample), ("batch", host.eager_floor_batch)):
+        cutmix = featmix.CutMix(k, mode=mode, generator=torch.Generator().manual_seed(5))
+        floor = make_floor(x, y, k, seed=5)
+        for _ in range(20):
+            (images, targets), (floor_images, floor_targets) = cutmix(x, y), floor()
+            assert torch.equal(images, floor_images) and torch.equal(targets, floor_targets), mode

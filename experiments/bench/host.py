@@ -79,21 +79,52 @@ def reference_box(u: Sequence[float], h: int, w: int) -> Tuple[int, int, int, in
     return max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h), max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
 
 
-def eager_floor_input(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int) -> Callable[[], Any]:
-    """The eager floor of ``CutMix(inplace)``'s call: its draws, the box in Python, ``paste_box_``, and the
-    targets by one gather from a one-hot table and one blend."""
+def eager_floor_input(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int,
+                      inplace: bool = True) -> Callable[[], Any]:
+    """The eager floor of ``CutMix(inplace=inplace)``'s call: its draws, the box in Python, ``paste_box_``
+    (``paste_box`` out of place), and the targets by one gather from a one-hot table and one blend."""
     g = torch.Generator().manual_seed(seed)
     table = torch.eye(num_classes)
     batch, (h, w) = x.shape[0], x.shape[-2:]
+    paste = FF.paste_box_ if inplace else FF.paste_box
 
     def call() -> Any:
         u = torch.rand(5, generator=g, dtype=torch.float64).tolist()
         perm = torch.randperm(batch, generator=g)
         y1, y2, x1, x2 = box = reference_box(u, h, w)
-        if y2 > y1 and x2 > x1:
-            FF.paste_box_(x, perm, box)
+        mixed = paste(x, perm, box) if y2 > y1 and x2 > x1 else x
         own = table.index_select(0, y)
-        return x, own.index_select(0, perm).lerp_(own, 1.0 - (y2 - y1) * (x2 - x1) / (h * w))
+        return mixed, own.index_select(0, perm).lerp_(own, 1.0 - (y2 - y1) * (x2 - x1) / (h * w))
+
+    return call
+
+
+def eager_floor_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int) -> Callable[[], Any]:
+    """The eager floor of ``CutMix(mode="batch")``'s call out of place (``eager_floor_input``)."""
+    return eager_floor_input(x, y, num_classes, seed, inplace=False)
+
+
+def eager_floor_per_sample(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int) -> Callable[[], Any]:
+    """The eager floor of ``CutMix(mode="elem")``'s call (out of place): its draws, each sample's box by
+    the reference rule on (B,) tensors, ``paste_box_masked``, and the targets by one gather from a one-hot
+    table and one blend with each sample's weight."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.eye(num_classes)
+    batch, (h, w) = x.shape[0], x.shape[-2:]
+    sides = torch.tensor([[float(h)], [float(w)]], dtype=torch.float64)
+
+    def call() -> Any:
+        torch.rand(5, generator=g, dtype=torch.float64)  # the batch's uniforms: drawn, as featmix draws them
+        perm = torch.randperm(batch, generator=g)
+        rows = torch.rand(6, batch, generator=g, dtype=torch.float64)  # lam, centre y, x, (three unused here)
+        torch.rand(batch, generator=g, dtype=torch.float64)  # each sample's gate (prob 1: every sample mixes)
+        half = torch.floor(torch.floor(sides * torch.sqrt(1.0 - rows[0])) / 2)  # (2, B)
+        centre = torch.minimum(torch.floor(rows[1:3] * sides), sides - 1)
+        lo, hi = torch.clamp(centre - half, min=0), torch.minimum(centre + half, sides)
+        box = torch.stack((lo[0], hi[0], lo[1], hi[1])).long()
+        kept = 1.0 - (hi[0] - lo[0]) * (hi[1] - lo[1]) / (h * w)
+        own = table.index_select(0, y)
+        return FF.paste_box_masked(x, perm, box), own.index_select(0, perm).lerp_(own, kept.float().view(-1, 1))
 
     return call
 
@@ -201,9 +232,16 @@ def per_sample_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
     y = torch.randint(0, K, (64,), generator=g)
     mk = {m: featmix.CutMix(K, mode=m, generator=torch.Generator().manual_seed(args.seed))
           for m in ("batch", "elem", "pair")}
-    us = interleave({m: (lambda t=t: t(x, y)) for m, t in mk.items()}, args.repeats, args.warmup, args.inner)
-    return [row(f"CutMix(mode={m!r}) vs batch mode (64,3,8,8)", f"{m} / batch", us[m] / us["batch"], "<=", 1.5, us)
+    cases = {m: (lambda t=t: t(x, y)) for m, t in mk.items()}
+    cases["elem eager floor"] = eager_floor_per_sample(x, y, K, args.seed)
+    cases["batch eager floor"] = eager_floor_batch(x, y, K, args.seed)
+    us = interleave(cases, args.repeats, args.warmup, args.inner)
+    rows = [row(f"CutMix(mode={m!r}) vs batch mode (64,3,8,8)", f"{m} / batch", us[m] / us["batch"], "<=", 1.5, us)
             for m in ("elem", "pair")]
+    return rows + [row("  the elem eager floor vs the batch eager floor", "floor elem / floor batch",
+                       us["elem eager floor"] / us["batch eager floor"], None, None, us),
+                   row("  CutMix(mode='elem') vs its eager floor", "elem / floor", us["elem"] / us["elem eager floor"],
+                       None, None, us)]
 
 
 def contention_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
