@@ -18,7 +18,8 @@ thread (``--threads`` to change it) except the contention row, which runs at tor
   call's own time in a loop is reported beside it);
 - the per-sample modes (``mode="elem"``/``"pair"``) against batch mode, out of place;
 - contention: ``CutMix(inplace)`` on (64,3,224,224) at torch's thread count while other processes keep
-  every core busy, against its time alone, with ``x.clone()`` beside it for scale.
+  every core busy, against its time alone, with ``x.clone()`` beside it for scale, and the same call on
+  one thread (no parallel region: each region of a busy machine waits for a descheduled thread).
 
 Beside the targets, each row of a call has an *eager floor*: the same work written by hand with the
 fewest Python steps and ops (the same draws from the generator, the reference box rule on Python
@@ -253,10 +254,19 @@ def contention_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
     gen = torch.Generator()
     cm = featmix.CutMix(K, inplace=True, generator=gen)
 
+    threads = torch.get_num_threads()
+
+    def serial() -> Any:  # the same call without parallel regions (what a one-thread paste would give)
+        torch.set_num_threads(1)
+        try:
+            return cm(x, y)
+        finally:
+            torch.set_num_threads(threads)
+
     def phase() -> Dict[str, float]:
         gen.manual_seed(args.seed)  # the same boxes in both phases
-        return interleave({"CutMix(inplace)": lambda: cm(x, y), "clone": lambda: x.clone()},
-                          args.repeats, args.warmup, 1)
+        return interleave({"CutMix(inplace)": lambda: cm(x, y), "clone": lambda: x.clone(),
+                           "CutMix(inplace) 1 thread": serial}, args.repeats, args.warmup, 1)
 
     alone = phase()
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
@@ -271,7 +281,11 @@ def contention_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
     return [row(f"contention: CutMix(inplace) {shape}, {torch.get_num_threads()} threads, busy vs alone",
                 "busy / alone", busy["CutMix(inplace)"] / alone["CutMix(inplace)"], "<=", 2.0, us),
             row(f"contention: x.clone() {shape} (for scale)", "busy / alone", busy["clone"] / alone["clone"],
-                None, None, us)]
+                None, None, us),
+            row(f"  the same call on 1 thread: busy vs the {threads}-thread call alone", "busy 1 thread / alone",
+                busy["CutMix(inplace) 1 thread"] / alone["CutMix(inplace)"], None, None, us),
+            row(f"  the same call on 1 thread alone vs on {threads} threads alone", "1 thread / threads",
+                alone["CutMix(inplace) 1 thread"] / alone["CutMix(inplace)"], None, None, us)]
 
 
 def row(name: str, measure: str, value: float, op: Optional[str], bound: Optional[float],
