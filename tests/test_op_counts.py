@@ -5,6 +5,9 @@ cost that matters there, and unlike a time it is exact on any machine. Each budg
 issue 21 (the count before it is in the comment). ``ops`` counts every op the dispatcher sees (views
 included: each costs host time); ``kernels`` counts the ones that would run on the device for a CUDA
 batch: no views, nothing of the host draw (``MixSampler.draw``, ``MixDraw.packed``), no host reads.
+Counted on the CPU, where the draw is used as the sampler made it; on CUDA its one copy to the device
+(and, for a feature site, the inverse permutation the CPU paste does without) comes on top, so the
+kernel budgets of the feature entry points keep room for them.
 """
 from __future__ import annotations
 
@@ -77,14 +80,14 @@ NET_LABELS = torch.randint(0, K, (8,), generator=gen(3))
 # entry point -> (ops, device kernels) at most; the counts before issue 21 in the comments
 BUDGETS: Dict[str, Tuple[int, int]] = {
     "CutMix(inplace)": (9, 5),            # before: (13, 7)
-    "CutMix": (11, 6),                    # before: (19, 8)
+    "CutMix": (10, 6),                    # before: (19, 8)
     "Mixup": (7, 5),                      # before: (11, 7)
     "Cutout": (6, 3),                     # before: (12, 5)
     "CutMix(mode=elem)": (48, 26),        # before: (119, 50)
     "CutMix(mode=pair)": (55, 26),        # before: (84, 33)
-    "CutMixAt": (15, 7),                  # before: (33, 10), over the plain forward
-    "CutMixAt(mode=elem)": (64, 31),      # before: (132, 55), over the plain forward
-    "mixing": (15, 7),                    # before: (33, 10), over the plain forward
+    "CutMixAt": (10, 7),                  # before: (33, 10), over the plain forward
+    "CutMixAt(mode=elem)": (54, 31),      # before: (132, 55), over the plain forward
+    "mixing": (10, 7),                    # before: (33, 10), over the plain forward
 }
 
 TRANSFORMS = {
