@@ -127,7 +127,8 @@ class FeatureCutMix(nn.Module):
             self._check_scale(image_hw, (gh, gw))
             mixed = paste(x[:, p:].unflatten(1, (gh, gw)), 1, 2).flatten(1, 2)
             return torch.cat([x[:, :p], mixed], dim=1) if p else mixed
-        hdim, wdim = (d % x.dim() for d in self.hw_dims)
+        ndim, (h, w) = x.dim(), self.hw_dims
+        hdim, wdim = h % ndim, w % ndim
         self._check_scale(image_hw, (x.shape[hdim], x.shape[wdim]))
         return paste(x, hdim, wdim)
 
