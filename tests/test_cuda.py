@@ -85,7 +85,10 @@ def test_same_seed_same_mix_on_cpu_and_device():
         results.append((out.cpu(), targets.cpu(), cutmix.last_mix))
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
-    assert results[0][2] == results[1][2]
+    on_cpu, on_device = results[0][2], results[1][2]
+    assert torch.equal(on_cpu.perm, on_device.perm)
+    assert (on_cpu.layer, on_cpu.grid, on_cpu.box, on_cpu.lam, on_cpu.weight, on_cpu.kind) == \
+        (on_device.layer, on_device.grid, on_device.box, on_device.lam, on_device.weight, on_device.kind)
 
 
 @needs_cuda
