@@ -36,7 +36,7 @@ from .kinds import kind_of
 from .layer import FeatureCutMix, find_sites
 from .placement import Placement, Rule, record_box
 from .sampling import MixDraw, MixSampler
-from .transfer import Parts, load_draw, stage_draw, unpack_draw
+from .transfer import Parts, load_draw, stage_draw, unpack_draw, write_params
 from .validation import check_label_range, check_label_smoothing, check_labels, check_num_classes
 
 
@@ -195,8 +195,12 @@ class MixPass:
         buf = parts = None
         if chosen is not None:  # plain attributes below: nn.Module.__setattr__ checks for parameters
             if device.type == "cpu":  # the host draw itself (a compiled graph reads it from the site)
-                parts = draw.parts(inverse=False)
-                chosen.__dict__["_host_draw"] = (parts[0], parts[2])
+                parts = draw.parts(inverse=False, params=draw.samples is not None)
+                params = parts[2]
+                if params is None:  # a whole-batch draw: its params only for a compiled graph, in the site's slot
+                    slot = chosen.__dict__["_params_slot"] = write_params(chosen.__dict__.get("_params_slot"), draw)
+                    params = slot[0]
+                chosen.__dict__["_host_draw"] = (parts[0], params)
             else:
                 buf, parts = stage_draw(chosen._buf, draw, device)
                 chosen.__dict__["_buf"] = buf

@@ -271,8 +271,7 @@ def _partner(x: Tensor, perm: Tensor) -> Tensor:
     ``index_select`` (the fewest host steps) only for samples below ATen's grain: above it, on CPU, it
     copies sample by sample, one parallel region each, which stall when other processes keep the cores
     busy; advanced indexing is one kernel."""
-    if perm.device != x.device:
-        perm = perm.to(x.device, non_blocking=True)
+    perm = _on(perm, x)
     if x.is_contiguous() and x.numel() < _GRAIN * max(x.shape[0], 1):
         return x.index_select(0, perm)
     return x[perm]

@@ -74,6 +74,7 @@ class FeatureCutMix(nn.Module):
         self._driver = None                     # the pass that arms this site (``arming.MixPass``)
         self._buf: Optional[Tensor] = None      # the draw on a device, storage kept across steps
         self._host_draw: Optional[Tuple[Tensor, Tensor]] = None  # on the CPU: the draw's (perm, params)
+        self._params_slot: Optional[Tuple[Tensor, bytearray]] = None  # on the CPU: whole-batch params, refilled
         self._scales_checked: set = set()       # (image hw, map hw) pairs known to scale alike
         self._warned_tiny = False
 
@@ -85,7 +86,7 @@ class FeatureCutMix(nn.Module):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state["_buf"] = state["_host_draw"] = None  # a copy loads its own draws
+        state["_buf"] = state["_host_draw"] = state["_params_slot"] = None  # a copy loads its own draws
         return state
 
     # -- forward ----------------------------------------------------------------------------------
@@ -155,8 +156,9 @@ class FeatureCutMix(nn.Module):
 
     def _paste_traced(self, m: Tensor, hdim: int, wdim: int) -> Tensor:
         driver = self._driver
-        if m.device.type == "cpu":  # the host draw: new tensors each draw, nothing to copy
+        if m.device.type == "cpu":  # the host draw (a whole batch's params: a slot the next draw refills)
             (perm, params), inv = self._host_draw, None
+            params = params.clone()
         else:
             perm, inv, params = unpack_draw(self._buf.clone(), m.shape[0])  # a copy: the buffer is refilled
         where = place_tensor(params, m.shape[hdim], m.shape[wdim], driver.variant, driver.rule, driver.per_sample)

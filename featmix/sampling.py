@@ -74,8 +74,11 @@ class MixDraw(NamedTuple):
         """float64 parameters ``featmix.placement.place_tensor`` reads: (6,), or (6 * B,) per sample."""
         if self.samples is not None:
             return self.samples.flatten()
-        values = (self.lam, *self.center, *self.cut, float(self.rule.kind == "cutmix"))
-        return torch.frombuffer(bytearray(struct.pack("<6d", *values)), dtype=torch.float64)
+        return torch.frombuffer(bytearray(struct.pack("<6d", *self.param_values())), dtype=torch.float64)
+
+    def param_values(self) -> Tuple[float, ...]:
+        """A whole-batch draw's six parameters as Python floats, in the rows of ``featmix.placement``."""
+        return (self.lam, *self.center, *self.cut, float(self.rule.kind == "cutmix"))
 
     def parts(self, inverse: bool = True, params: bool = True
               ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:

@@ -1,6 +1,7 @@
 """A batch's draw on the device: one small transfer into storage that is kept from step to step."""
 from __future__ import annotations
 
+import struct
 from typing import Optional, Tuple
 
 import torch
@@ -34,6 +35,19 @@ def stage_draw(buf: Optional[Tensor], draw: MixDraw, device: torch.device, inver
     if device.type == "cuda":
         host = host.pin_memory()
     return buf.copy_(host, non_blocking=True), parts
+
+
+def write_params(slot: Optional[Tuple[Tensor, bytearray]], draw: MixDraw) -> Tuple[Tensor, bytearray]:
+    """A whole-batch draw's params (``draw.params()``'s values) written into ``slot``, made when None: a
+    float64 (6,) CPU tensor over a bytearray that each draw rewrites in Python (``struct.pack_into``), so no
+    tensor is made per draw (between a model's ops, making one costs several microseconds). The tensor is
+    refilled by the next draw: a reader that outlives the forward copies it."""
+    if slot is None:
+        data = bytearray(48)
+        with torch.inference_mode(False):  # a plain tensor even when first made in inference mode
+            slot = (torch.frombuffer(data, dtype=torch.float64), data)
+    struct.pack_into("<6d", slot[1], 0, *draw.param_values())
+    return slot
 
 
 def unpack_draw(buf: Tensor, batch: int, inverse: bool = True, params: bool = True
