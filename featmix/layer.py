@@ -34,6 +34,18 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+# the saved-tensor hooks in force (non-reentrant checkpointing pushes its own); a private query, so without
+# it every forward counts as checkpointed
+_saved_tensor_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda ignore_tracing: True)
+
+
+def _in_checkpointed_region() -> bool:
+    """Whether a forward running now may run again inside a backward: activation checkpointing runs the
+    first forward of its region without grad (reentrant) or under its saved-tensor hooks (non-reentrant).
+    Also true under other saved-tensor hooks and plain no-grad forwards (then a backward binds for nothing)."""
+    return not torch.is_grad_enabled() or _saved_tensor_hooks(False) is not None
+
+
 class FeatureCutMix(nn.Module):
     """CutMix on the output of the previous layer; the identity in eval mode or when not armed.
 
@@ -109,6 +121,8 @@ class FeatureCutMix(nn.Module):
                 raise RuntimeError(f"the mixing layer {self._name()} ran twice in one forward pass; CutMix mixes "
                                    f"once per batch: choose a module that runs once (a module reused in several "
                                    f"places is not a layer position)")
+            if _in_checkpointed_region():
+                driver.current.recomputable = True  # its backward may run this site again: bind it (arming)
             return self._on_spatial(x, driver.image_hw, self._paste_new)
         if _in_backward():  # checkpointing recomputes a forward: replay that forward's mix (eval mode since or not)
             fwd = driver.replay_for(self)

@@ -500,3 +500,16 @@ def test_a_layer_whose_grid_never_holds_a_box_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         w(torch.randn(4, 3, 8, 8), Y)  # once
+
+
+@pytest.mark.parametrize("reentrant", [None, True, False], ids=["plain", "reentrant", "non_reentrant"])
+def test_a_forward_binds_its_backward_only_where_a_recomputation_can_run_its_site(reentrant):
+    """Binding a forward to its backward (a pre-hook on its output) serves checkpoint replay alone: a site that
+    pasted outside every checkpointed region is never run again by a backward, so nothing is bound there."""
+    model = Blocks(reentrant)
+    wrapper = featmix.CutMixAt(model, layer="blocks.1", generator=gen(3)).train()
+    out, targets = wrapper(X, Y)
+    assert wrapper.last_mix is not None
+    assert wrapper._pass.last.watched == (reentrant is not None)
+    F.cross_entropy(out, targets).backward()
+    assert all(p.grad is not None for p in model.parameters())
