@@ -87,6 +87,23 @@ class MixRecord:
         return cls(layer, where.grid, box, lam, weight, where.kind, perm, is_cut)
 
 
+def latest_record(state: Dict[str, Any]) -> Optional[MixRecord]:
+    """The latest mix an owner keeps in ``state["_placed"]`` (its ``__dict__``): None when unmixed, else the
+    arguments of ``MixRecord.of`` (layer, placement, perm), made into the record on the first read and kept.
+
+    Args:
+        state: the owner's ``__dict__`` (``CutMixAt``, the input transforms).
+
+    Returns:
+        The ``MixRecord``, or None.
+    """
+    placed = state["_placed"]
+    if placed is None or isinstance(placed, MixRecord):
+        return placed
+    record = state["_placed"] = MixRecord.of(*placed)
+    return record
+
+
 class MixForward:
     """One training forward: the host draw, the chosen site, the draw on the device, the placement.
 

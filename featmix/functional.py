@@ -103,9 +103,7 @@ def _paste_checked_(x: Tensor, perm: Tensor, box: Box, hdim: int, wdim: int) -> 
     """``paste_box_`` once ``x`` is known to be writable (``CutMix`` checks before it draws)."""
     if _empty(box):
         return x
-    device = x.device
-    if perm.device != device:
-        perm = perm.to(device, non_blocking=True)
+    perm, device = _on(perm, x), x.device
     if x.requires_grad and torch.is_grad_enabled():
         inv_perm = None if device.type == "cpu" else inverse_permutation(perm)  # the CPU backward makes it
         return graph.run(_PasteBoxInPlace, x, perm, inv_perm, tuple(box), hdim, wdim)

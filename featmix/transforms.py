@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .arming import MixRecord, leaves
+from .arming import MixRecord, latest_record, leaves
 from .kinds import KINDS_BY_NAME, kind_of, place_tensor
 from .placement import Placement
 from .sampling import MixDraw, MixSampler
@@ -48,7 +48,7 @@ class _BatchMix(nn.Module):
         self.inplace = check_flag(inplace, "inplace")
         self.labels_getter = _labels_getter(labels_getter)
         self.mixup_enabled = True  # timm's train.py sets it to False at --mixup-off-epoch
-        self._placed: Any = None  # the latest mix: (placement, perm) until ``last_mix`` makes its record
+        self._placed: Any = None  # the latest mix: (0, placement, perm) until ``last_mix`` makes its record
         # the draw on the images' device when it is not the CPU (storage kept across calls, as CUDA graphs need)
         self.draw_buffer: Optional[Tensor] = None
 
@@ -83,7 +83,7 @@ class _BatchMix(nn.Module):
             perm, inv, where = self._place_on_device(draw, images, labels)
         kind = KINDS_BY_NAME[where.kind]
         images = kind.paste(images, where, perm, inv, len(shape) - 2, len(shape) - 1, self.inplace)
-        self.__dict__["_placed"] = (where, draw.perm)  # a plain attribute: see ``_set``
+        self.__dict__["_placed"] = (0, where, draw.perm)  # a plain attribute: see ``_set``
         if num_classes is None:  # Cutout without classes: the labels as they came
             return images, targets
         return images, kind.mix_targets(targets, perm, where)
@@ -112,12 +112,7 @@ class _BatchMix(nn.Module):
     @property
     def last_mix(self) -> Optional[MixRecord]:
         """The ``MixRecord`` of the latest mixed batch (None when it was not mixed), made when first read."""
-        placed = self.__dict__["_placed"]
-        if placed is None or isinstance(placed, MixRecord):
-            return placed
-        record = MixRecord.of(0, *placed)
-        self._set("_placed", record)
-        return record
+        return latest_record(self.__dict__)
 
     def _check(self, images: object, labels: object) -> Optional[int]:
         """Validate the batch once; the class count (from num_classes or 2-D labels)."""

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover
     from torch.fx._symbolic_trace import is_fx_tracing as is_fx_symbolic_tracing
 
 from . import functional as F
-from .arming import MixPass, MixRecord, prehook_outputs
+from .arming import MixPass, MixRecord, latest_record, prehook_outputs
 from .layer import FeatureCutMix, find_sites
 from .resolve import LayerSpec, SiteSpec, infer_num_classes, resolve_layers
 from .sampling import MixSampler
@@ -269,12 +269,7 @@ class CutMixAt(nn.Module):
     @property
     def last_mix(self) -> Optional[MixRecord]:
         """The ``MixRecord`` of the latest training batch (None when it was not mixed), made when first read."""
-        placed = self.__dict__["_placed"]
-        if placed is None or isinstance(placed, MixRecord):
-            return placed
-        record = MixRecord.of(*placed)
-        self.__dict__["_placed"] = record
-        return record
+        return latest_record(self.__dict__)
 
     @_compiler_disable
     def _eval_targets(self, labels: Tensor, output: Any) -> Tensor:

@@ -93,14 +93,12 @@ def _folds(x: Tensor, box: Box, hdim: int, wdim: int, out: Optional[Tensor] = No
     outermost other dim of size k, for boxes of at least ``GRAIN`` elements per sample whose folded
     slices are under ``GRAIN``; None where that fold is not a view of both, or is not needed."""
     B = x.shape[0]
+    per_sample = _box_numel(x, box, hdim, wdim)
+    if B < 2 or per_sample < GRAIN:
+        return None
     y1, y2, x1, x2 = box
     sizes = list(x.shape)
     sizes[hdim], sizes[wdim] = y2 - y1, x2 - x1
-    per_sample = 1
-    for s in sizes[1:]:
-        per_sample *= s
-    if B < 2 or per_sample < GRAIN:
-        return None
     xs = x.stride()
     d = max((i for i in range(1, x.dim()) if sizes[i] > 1), key=lambda i: xs[i], default=None)
     if d is None or per_sample // sizes[d] >= GRAIN:
